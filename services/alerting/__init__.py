@@ -1,0 +1,1 @@
+"""Alerting: threshold alerts delivered by webhook, email, SMS and live push."""

@@ -1,0 +1,1 @@
+"""Analytics: comparisons, statistics and charts."""

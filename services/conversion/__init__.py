@@ -1,0 +1,1 @@
+"""Conversion: crypto and fiat conversions, now and in the past."""

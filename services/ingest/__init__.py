@@ -1,0 +1,1 @@
+"""Ingest: collects quotes from exchanges (through ccxt) and publishes normalised ticks."""

@@ -1,0 +1,52 @@
+"""Routes of the ingest service."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Query, Request
+
+from services.ingest import repository
+from services.ingest.schemas import ErrorEntryOut, ErrorsOut, SourceHealthOut, SourcesOut
+from services.ingest.service import IngestService
+from shared.db import transaction
+from shared.errors import error_responses
+from shared.service_app import get_resources
+from shared.timeparse import parse_time
+
+router = APIRouter(tags=["sources"])
+
+
+@router.get(
+    "/api/v1/admin/sources",
+    response_model=SourcesOut,
+    summary="Health of every market-data source",
+    responses=error_responses(401, 403),
+)
+async def list_sources(request: Request) -> SourcesOut:
+    service: IngestService = request.app.state.ingest
+    return SourcesOut(sources=[SourceHealthOut(**h) for h in await service.health()])
+
+
+@router.get(
+    "/api/v1/admin/errors",
+    response_model=ErrorsOut,
+    summary="Logged source failures, with counts per source",
+    responses=error_responses(401, 403, 422),
+)
+async def list_errors(
+    request: Request,
+    source: str | None = Query(default=None, max_length=50, examples=["binance"]),
+    since: str | None = Query(default=None, description="ISO 8601 or Unix seconds", examples=["2026-11-25T00:00:00Z"]),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> ErrorsOut:
+    since_dt: datetime | None = parse_time(since, "since") if since else None
+    async with transaction(get_resources(request).sessions) as session:
+        rows, counts = await repository.list_errors(session, source=source, since=since_dt, limit=limit)
+    return ErrorsOut(
+        counts=counts,
+        entries=[
+            ErrorEntryOut(id=r.id, source=r.source, kind=r.kind, message=r.message, created_at=r.created_at)
+            for r in rows
+        ],
+    )

@@ -1,0 +1,36 @@
+"""The ingest service's app: its lifespan owns the source runners."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.ingest.api import router
+from services.ingest.service import IngestService
+from shared.service_app import Resources, build_service_app
+from shared.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
+        service = IngestService(
+            settings, redis=resources.redis, publisher=resources.publisher, sessions=resources.sessions
+        )
+        app.state.ingest = service
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    return build_service_app(
+        "ingest",
+        settings,
+        title="Coinlytics ingest",
+        description="Collects quotes from exchanges and publishes normalised ticks.",
+        routers=[router],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,33 @@
+"""All SQL of the ingest service."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import ErrorLog
+
+
+async def record_error(
+    session: AsyncSession, *, source: str, kind: str, message: str, details: dict[str, Any] | None = None
+) -> None:
+    session.add(ErrorLog(source=source, kind=kind, message=message[:4000], details=details))
+
+
+async def list_errors(
+    session: AsyncSession, *, source: str | None, since: datetime | None, limit: int
+) -> tuple[list[ErrorLog], dict[str, int]]:
+    query = select(ErrorLog).order_by(ErrorLog.created_at.desc(), ErrorLog.id.desc()).limit(limit)
+    counts = select(ErrorLog.source, func.count()).group_by(ErrorLog.source)
+    if source:
+        query = query.where(ErrorLog.source == source)
+        counts = counts.where(ErrorLog.source == source)
+    if since:
+        query = query.where(ErrorLog.created_at >= since)
+        counts = counts.where(ErrorLog.created_at >= since)
+    rows = list((await session.scalars(query)).all())
+    count_rows = (await session.execute(counts)).all()
+    return rows, {row[0]: int(row[1]) for row in count_rows}

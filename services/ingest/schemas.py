@@ -1,0 +1,40 @@
+"""Response models of the ingest service."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class SourceHealthOut(BaseModel):
+    name: str = Field(examples=["binance"])
+    kind: str | None = Field(default=None, examples=["rest"])
+    state: str | None = Field(default=None, examples=["connected"], description="connected, down, "
+                              "rate_limited, starting or disabled")  # fmt: skip
+    last_message_at: datetime | None = None
+    last_error: str | None = None
+    last_error_kind: str | None = None
+    last_error_at: datetime | None = None
+    backoff_seconds: float = 0
+    messages_total: int = 0
+    rejected_total: int = 0
+    messages_per_second: float = 0
+    errors: dict[str, int] = Field(default_factory=dict, examples=[{"timeout": 2}])
+
+
+class SourcesOut(BaseModel):
+    sources: list[SourceHealthOut]
+
+
+class ErrorEntryOut(BaseModel):
+    id: int
+    source: str
+    kind: str
+    message: str
+    created_at: datetime
+
+
+class ErrorsOut(BaseModel):
+    counts: dict[str, int] = Field(description="entries per source in the selected range")
+    entries: list[ErrorEntryOut]

@@ -1,0 +1,1 @@
+"""Pricing: consumes ticks, stores them, and consolidates one trustworthy price per coin."""

@@ -1,0 +1,99 @@
+"""Routes of the pricing service."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+
+from services.pricing import repository
+from services.pricing.schemas import PricesOut
+from services.pricing.service import PricingService
+from shared.db import transaction
+from shared.errors import NoFreshData, UnknownCurrency, UnknownSymbol, ValidationFailed, error_responses
+from shared.responses import DecimalJSONResponse
+from shared.service_app import get_resources
+
+router = APIRouter(tags=["market data"])
+
+SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
+INCLUDABLE = ("market_cap", "volume_24h", "change_24h")
+MAX_SYMBOLS = 100
+
+
+def parse_symbols(raw: str, name: str, *, limit: int = MAX_SYMBOLS) -> list[str]:
+    items = [part.strip().upper() for part in raw.split(",") if part.strip()]
+    if not items:
+        raise ValidationFailed(f"{name}: give at least one symbol, e.g. {name}=BTC,ETH")
+    if len(items) > limit:
+        raise ValidationFailed(f"{name}: at most {limit} symbols per request")
+    bad = [s for s in items if not SYMBOL_RE.match(s)]
+    if bad:
+        raise ValidationFailed(f"{name}: not a symbol: {', '.join(bad[:5])}", details={"invalid": bad})
+    return list(dict.fromkeys(items))
+
+
+@router.get(
+    "/api/v1/prices",
+    response_model=PricesOut,
+    summary="Consolidated prices of coins in one or more currencies",
+    description="Each price is the volume-weighted mean of the fresh sources after outlier rejection. "
+    "Example: `/api/v1/prices?symbols=BTC,ETH&vs=USD,EUR&include=volume_24h`.",
+    responses=error_responses(404, 422, 503),
+)
+async def get_prices(
+    request: Request,
+    symbols: str = Query(description="comma-separated coin symbols", examples=["BTC,ETH"]),
+    vs: str = Query(default="USD", description="comma-separated currencies", examples=["USD,EUR"]),
+    include: str | None = Query(default=None, description="extra fields: market_cap,volume_24h,change_24h"),
+) -> DecimalJSONResponse:
+    bases = parse_symbols(symbols, "symbols")
+    currencies = parse_symbols(vs, "vs", limit=20)
+    extras = [part.strip() for part in (include or "").split(",") if part.strip()]
+    unknown_extras = [e for e in extras if e not in INCLUDABLE]
+    if unknown_extras:
+        raise ValidationFailed(
+            f"include: unknown field(s) {', '.join(unknown_extras)}; choose from {', '.join(INCLUDABLE)}"
+        )
+    resources = get_resources(request)
+    service: PricingService = request.app.state.pricing
+    found = await service.read_prices(bases, currencies)
+    found_bases = {b for b, _ in found}
+    found_vs = {v for _, v in found}
+    missing_bases = [b for b in bases if b not in found_bases]
+    missing_vs = [v for v in currencies if v not in found_vs]
+    if missing_bases or missing_vs:
+        async with transaction(resources.sessions) as session:
+            known = await repository.known_symbols(session, missing_bases) if missing_bases else set()
+            known_vs = await repository.known_currencies(session) if missing_vs else set()
+        unknown = [b for b in missing_bases if b not in known]
+        if unknown:
+            raise UnknownSymbol(f"unknown coin: {', '.join(unknown)}", details={"unknown": unknown})
+        configured = set(resources.settings.vs_currencies)
+        unknown_vs = [v for v in missing_vs if v not in known_vs and v not in configured]
+        if unknown_vs:
+            raise UnknownCurrency(f"unknown currency: {', '.join(unknown_vs)}", details={"unknown": unknown_vs})
+    if not found:
+        raise NoFreshData(
+            "no price yet for the requested coins and currencies; sources may still be starting",
+            retry_after=5,
+        )
+    body: dict[str, dict[str, Any]] = {}
+    for base in bases:
+        for currency in currencies:
+            entry = found.get((base, currency))
+            if entry is None:
+                continue
+            out: dict[str, Any] = {
+                "price": Decimal(entry["price"]),
+                "last_updated": entry["last_updated"].replace("+00:00", "Z"),
+                "status": entry["status"],
+                "sources_used": entry["sources_used"],
+            }
+            for extra in extras:
+                value = entry.get(extra)
+                out[extra] = Decimal(value) if value is not None else None
+            body.setdefault(base, {})[currency] = out
+    return DecimalJSONResponse(body)

@@ -1,0 +1,127 @@
+"""All SQL of the pricing service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.messages import TickMessage
+from shared.models import Coin, Price, SourceQuote, Tick
+
+# asyncpg allows 32,767 bind parameters per statement; 12 columns a tick keeps well inside it.
+INSERT_CHUNK = 1000
+
+
+async def insert_ticks(session: AsyncSession, ticks: Sequence[TickMessage]) -> set[str]:
+    """Store ticks; returns the ids that were new (a redelivered tick is not applied twice)."""
+    new_ids: set[str] = set()
+    for start in range(0, len(ticks), INSERT_CHUNK):
+        chunk = ticks[start : start + INSERT_CHUNK]
+        rows = [
+            {
+                "tick_id": t.tick_id,
+                "source": t.source,
+                "base": t.base,
+                "quote": t.quote,
+                "price": t.price,
+                "bid": t.bid,
+                "ask": t.ask,
+                "volume_24h": t.volume_24h,
+                "quote_volume_24h": t.quote_volume_24h,
+                "exchange_ts": t.exchange_ts,
+                "received_at": t.received_at,
+            }
+            for t in chunk
+        ]
+        stmt = insert(Tick).values(rows).on_conflict_do_nothing(index_elements=[Tick.tick_id])
+        result = await session.execute(stmt.returning(Tick.tick_id))
+        new_ids.update(result.scalars().all())
+    return new_ids
+
+
+async def upsert_source_quotes(session: AsyncSession, ticks: Iterable[TickMessage]) -> None:
+    """Keep each source's latest quote per pair; an older tick arriving late changes nothing."""
+    latest: dict[tuple[str, str, str], TickMessage] = {}
+    for t in ticks:
+        key = (t.source, t.base, t.quote)
+        if key not in latest or t.exchange_ts > latest[key].exchange_ts:
+            latest[key] = t
+    if not latest:
+        return
+    rows = [
+        {
+            "source": t.source,
+            "base": t.base,
+            "quote": t.quote,
+            "pair": t.pair,
+            "price": t.price,
+            "bid": t.bid,
+            "ask": t.ask,
+            "volume_24h": t.volume_24h,
+            "exchange_ts": t.exchange_ts,
+            "received_at": t.received_at,
+            "tick_id": t.tick_id,
+            "status": "used",
+        }
+        for t in latest.values()
+    ]
+    stmt = insert(SourceQuote).values(rows)
+    changed = {c: stmt.excluded[c] for c in rows[0] if c not in ("source", "base", "quote", "status")}
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[SourceQuote.source, SourceQuote.base, SourceQuote.quote],
+        set_=changed,
+        where=stmt.excluded.exchange_ts > SourceQuote.exchange_ts,
+    )
+    await session.execute(stmt)
+
+
+async def load_quotes(session: AsyncSession, bases: Iterable[str]) -> list[SourceQuote]:
+    result = await session.scalars(select(SourceQuote).where(SourceQuote.base.in_(list(bases))))
+    return list(result.all())
+
+
+async def set_quote_statuses(session: AsyncSession, statuses: dict[tuple[str, str, str], str]) -> None:
+    for (source, base, quote), status in statuses.items():
+        await session.execute(
+            update(SourceQuote)
+            .where(SourceQuote.source == source, SourceQuote.base == base, SourceQuote.quote == quote)
+            .where(SourceQuote.status != status)
+            .values(status=status)
+        )
+
+
+async def upsert_prices(session: AsyncSession, prices: Sequence[dict[str, object]]) -> None:
+    if not prices:
+        return
+    stmt = insert(Price).values(list(prices))
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Price.base, Price.vs],
+        set_={c: stmt.excluded[c] for c in prices[0] if c not in ("base", "vs")},
+    )
+    await session.execute(stmt)
+
+
+async def get_prices(session: AsyncSession, bases: Iterable[str], vs: Iterable[str]) -> list[Price]:
+    result = await session.scalars(select(Price).where(Price.base.in_(list(bases)), Price.vs.in_(list(vs))))
+    return list(result.all())
+
+
+async def known_symbols(session: AsyncSession, symbols: Iterable[str]) -> set[str]:
+    wanted = list(symbols)
+    tracked = await session.scalars(select(Coin.symbol).where(Coin.symbol.in_(wanted)))
+    priced = await session.scalars(select(Price.base).where(Price.base.in_(wanted)).distinct())
+    return set(tracked.all()) | set(priced.all())
+
+
+async def known_currencies(session: AsyncSession) -> set[str]:
+    result = await session.scalars(select(Price.vs).distinct())
+    return set(result.all())
+
+
+async def seed_coins(session: AsyncSession, symbols: Iterable[str]) -> None:
+    rows = [{"symbol": s} for s in symbols]
+    if rows:
+        await session.execute(insert(Coin).values(rows).on_conflict_do_nothing(index_elements=[Coin.symbol]))

@@ -1,0 +1,1 @@
+"""Coinlytics common package: settings, database, streams, logging, errors shared by every service."""

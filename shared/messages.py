@@ -1,0 +1,76 @@
+"""Stream message contracts shared by producers and consumers."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.streams import PoisonMessage
+
+SYMBOL_PATTERN = r"^[A-Z0-9]{1,15}$"
+
+
+def utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def to_decimal(value: object) -> Decimal | None:
+    """A finite Decimal from an exchange value (str, int or float), or None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"not a finite number: {value!r}")
+        # repr gives the shortest string that round-trips, i.e. the digits the exchange sent.
+        value = repr(value)
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not result.is_finite():
+        raise ValueError(f"not a finite number: {value!r}")
+    return result
+
+
+class TickMessage(BaseModel):
+    """One normalised quote from one source, as published on the ticks stream."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tick_id: str = Field(min_length=1, max_length=200)
+    source: str = Field(min_length=1, max_length=50)
+    base: str = Field(pattern=SYMBOL_PATTERN)
+    quote: str = Field(pattern=SYMBOL_PATTERN)
+    pair: str = Field(min_length=1, max_length=40)
+    price: Decimal = Field(gt=0)
+    bid: Decimal | None = Field(default=None, gt=0)
+    ask: Decimal | None = Field(default=None, gt=0)
+    volume_24h: Decimal | None = Field(default=None, ge=0)
+    quote_volume_24h: Decimal | None = Field(default=None, ge=0)
+    exchange_ts: datetime
+    received_at: datetime
+
+    @field_validator("price", "bid", "ask", "volume_24h", "quote_volume_24h", mode="before")
+    @classmethod
+    def _finite(cls, value: object) -> object:
+        return to_decimal(value)
+
+    @field_validator("exchange_ts", "received_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        return utc(value)
+
+    @classmethod
+    def from_stream(cls, payload: dict[str, Any]) -> TickMessage:
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())
+            raise PoisonMessage(f"invalid tick: {problems}") from None
+
+    def to_stream(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,27 @@
+"""JSON responses that write Decimal values as exact JSON numbers (never through a binary float)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import simplejson
+from fastapi.responses import JSONResponse
+
+
+def _default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(content: Any) -> bytes:
+    text: str = simplejson.dumps(
+        content, use_decimal=True, default=_default, separators=(",", ":"), ensure_ascii=False
+    )
+    return text.encode()
+
+
+class DecimalJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return dumps(content)

@@ -1,0 +1,214 @@
+"""What every service's app has in common: resources owned by the lifespan, health, readiness and
+metrics endpoints, correlation ids, the error handlers, and the process entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.db import create_engine, session_factory
+from shared.errors import error_response, install_error_handlers
+from shared.logging import CorrelationIdMiddleware, configure_logging
+from shared.settings import SERVICE_PORTS, ConfigurationError, Settings, load_settings
+from shared.streams import StreamPublisher
+
+log = structlog.get_logger("service")
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: Redis
+    publisher: StreamPublisher
+    registry: CollectorRegistry
+
+
+def redis_client(url: str) -> Redis:
+    return Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, registry: CollectorRegistry) -> AsyncIterator[Resources]:
+    engine = create_engine(settings.require_database_url())
+    redis = redis_client(settings.require_redis_url())
+    try:
+        yield Resources(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            redis=redis,
+            publisher=StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen),
+            registry=registry,
+        )
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+class MetricsMiddleware:
+    """Counts requests and their latency by route template (not raw path, to bound label cardinality)."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "http_requests_total", "HTTP requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds", "HTTP request latency", ["method", "route"], registry=registry
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.requests.labels(scope["method"], template, str(status)).inc()
+            self.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
+
+
+def ops_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz", summary="Liveness: the process answers")
+    async def healthz(request: Request) -> dict[str, str]:
+        return {"status": "ok", "service": request.app.state.service}
+
+    @router.get("/readyz", summary="Readiness: PostgreSQL and Redis reachable")
+    async def readyz(request: Request) -> JSONResponse:
+        resources: Resources = request.app.state.resources
+        checks: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(3):
+                async with resources.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"unavailable: {type(exc).__name__}"
+        try:
+            async with asyncio.timeout(3):
+                await resources.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"unavailable: {type(exc).__name__}"
+        if all(v == "ok" for v in checks.values()):
+            return JSONResponse({"status": "ready", "service": request.app.state.service, "checks": checks})
+        return error_response(503, "not_ready", "a dependency is unavailable", checks, headers={"Retry-After": "5"})
+
+    @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        resources: Resources = request.app.state.resources
+        return Response(generate_latest(resources.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+ServiceLifespan = Callable[[FastAPI, Resources], AbstractAsyncContextManager[None]]
+
+
+def build_service_app(
+    service: str,
+    settings: Settings,
+    *,
+    title: str,
+    description: str,
+    routers: list[APIRouter],
+    lifespan: ServiceLifespan | None = None,
+    openapi_tags: list[dict[str, Any]] | None = None,
+    serve_docs: bool = True,
+) -> FastAPI:
+    registry = CollectorRegistry()
+
+    @asynccontextmanager
+    async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_resources(settings, registry) as resources:
+            app.state.resources = resources
+            log.info("service_starting", service=service)
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app, resources):
+                    yield
+            log.info("service_stopping", service=service)
+
+    app = FastAPI(
+        title=title,
+        description=description,
+        version="0.1.0",
+        lifespan=app_lifespan,
+        openapi_tags=openapi_tags,
+        openapi_url="/openapi.json" if serve_docs else None,
+        docs_url="/docs" if serve_docs else None,
+        redoc_url="/redoc" if serve_docs else None,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, registry=registry)
+    app.add_middleware(CorrelationIdMiddleware)
+    app.include_router(ops_router())
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def serve(service: str, create_app: Callable[[Settings], FastAPI]) -> None:
+    """Process entry point: readable configuration errors, logging, then uvicorn."""
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        sys.stderr.write(f"{service}: cannot start: {exc}\n")
+        raise SystemExit(2) from None
+    configure_logging(service, settings.log_level, settings.log_format)
+    try:
+        settings.require_database_url()
+        settings.require_redis_url()
+        app = create_app(settings)
+    except ConfigurationError as exc:
+        sys.stderr.write(f"{service}: cannot start: {exc}\n")
+        raise SystemExit(2) from None
+    port = settings.gateway_port if service == "gateway" else _port_from_url(settings, service)
+    host = "0.0.0.0" if service == "gateway" and settings.host == "0.0.0.0" else settings.host
+    log.info("service_listening", service=service, url=f"http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+
+
+def _port_from_url(settings: Settings, service: str) -> int:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(settings.service_url(service))
+    return parsed.port or SERVICE_PORTS[service]

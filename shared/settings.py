@@ -1,0 +1,202 @@
+"""Typed configuration for every service.
+
+Settings are read when ``Settings()`` is constructed (in a service's lifespan or CLI entry point),
+never at import time, so tests and the launcher can shape the environment first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_COINS = "BTC,ETH,SOL,XRP,ADA,DOGE,LTC,DOT,LINK,AVAX"
+DEFAULT_VS = "USD,EUR,GBP,JPY"
+DEFAULT_SOURCES = "binance,kraken,coinbase,bitstamp,okx,kucoin,gemini,coingecko,ecb"
+DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - the refused placeholder
+DEV_HMAC_KEY = "dev-only-insecure-hmac-key-change-me"
+# Known placeholders people paste from examples; refused outside development like an empty secret.
+PLACEHOLDER_SECRETS = frozenset(
+    {DEV_JWT_SECRET, DEV_HMAC_KEY, "secret", "changeme", "change-me", "password", "jwt-secret", "test"}
+)
+MIN_SECRET_LENGTH = 32
+
+SERVICE_PORTS = {
+    "gateway": 8000,
+    "ingest": 8001,
+    "pricing": 8002,
+    "conversion": 8003,
+    "analytics": 8004,
+    "alerting": 8005,
+}
+
+
+class ConfigurationError(Exception):
+    """Raised when configuration is unusable; the message says what to change."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="COINLYTICS_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    env: Literal["development", "test", "production"] = "production"
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = Path("./.coinlytics")
+
+    coins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: DEFAULT_COINS.split(","))
+    vs_currencies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: DEFAULT_VS.split(","))
+    sources: Annotated[list[str], NoDecode] = Field(default_factory=lambda: DEFAULT_SOURCES.split(","))
+    source_urls: dict[str, str] = Field(default_factory=dict)
+
+    max_clock_skew_seconds: float = Field(default=60, ge=0)
+    jwt_secret: SecretStr | None = None
+    hmac_key: SecretStr | None = None
+    smtp_url: str | None = None
+    sms_url: str | None = None
+    webhook_allow_private: bool = False
+
+    # Internals with sensible defaults; documented in the README.
+    redis_namespace: str = Field(default="coinlytics", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    host: str = "127.0.0.1"
+    gateway_port: int = SERVICE_PORTS["gateway"]
+    ingest_url: str = f"http://127.0.0.1:{SERVICE_PORTS['ingest']}"
+    pricing_url: str = f"http://127.0.0.1:{SERVICE_PORTS['pricing']}"
+    conversion_url: str = f"http://127.0.0.1:{SERVICE_PORTS['conversion']}"
+    analytics_url: str = f"http://127.0.0.1:{SERVICE_PORTS['analytics']}"
+    alerting_url: str = f"http://127.0.0.1:{SERVICE_PORTS['alerting']}"
+    upstream_timeout_seconds: float = Field(default=10.0, gt=0)
+    poll_interval_seconds: float = Field(default=5.0, gt=0)
+    source_timeout_seconds: float = Field(default=10.0, gt=0)
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    stream_max_deliveries: int = Field(default=5, ge=1)
+    stream_claim_idle_ms: int = Field(default=30_000, ge=100)
+    stream_batch_size: int = Field(default=500, ge=1)
+    min_fresh_sources: int = Field(default=1, ge=1)
+    source_max_age_seconds: float = Field(default=120, gt=0)
+    sim_interval_seconds: float = Field(default=1.0, gt=0)
+    sim_seed: int | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    @field_validator("coins", "vs_currencies", mode="before")
+    @classmethod
+    def _upper_csv(cls, value: object) -> object:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            return [str(v).strip().upper() for v in value]
+        return value
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _lower_csv(cls, value: object) -> object:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            return [str(v).strip().lower() for v in value]
+        return value
+
+    @field_validator("coins", "vs_currencies")
+    @classmethod
+    def _symbols_are_tickers(cls, value: list[str]) -> list[str]:
+        for symbol in value:
+            if not (1 <= len(symbol) <= 15 and symbol.isalnum()):
+                raise ValueError(f"{symbol!r} is not a ticker symbol (letters and digits, 1-15 characters)")
+        if not value:
+            raise ValueError("at least one entry is required")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _collect_source_urls(self) -> Settings:
+        # COINLYTICS_SOURCE_<NAME>_REST_URL / _WS_URL are open-ended names, so they are gathered here
+        # rather than declared one by one.
+        found: dict[str, str] = {}
+        for key, value in os.environ.items():
+            upper = key.upper()
+            if upper.startswith("COINLYTICS_SOURCE_") and (upper.endswith("_REST_URL") or upper.endswith("_WS_URL")):
+                found[upper.removeprefix("COINLYTICS_SOURCE_").lower()] = value
+        self.source_urls = {**found, **self.source_urls}
+        return self
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        if self.env == "development":
+            if self.jwt_secret is None:
+                self.jwt_secret = SecretStr(DEV_JWT_SECRET)
+            if self.hmac_key is None:
+                self.hmac_key = SecretStr(DEV_HMAC_KEY)
+            return self
+        for name in ("jwt_secret", "hmac_key"):
+            secret: SecretStr | None = getattr(self, name)
+            env_name = f"COINLYTICS_{name.upper()}"
+            if secret is None:
+                raise ValueError(
+                    f"{env_name} is not set. Outside development (COINLYTICS_ENV={self.env}) a strong secret "
+                    f"is required: generate one with `python -c 'import secrets; print(secrets.token_urlsafe(48))'`."
+                )
+            raw = secret.get_secret_value()
+            if raw.lower() in PLACEHOLDER_SECRETS or len(raw) < MIN_SECRET_LENGTH or len(set(raw)) < 8:
+                raise ValueError(
+                    f"{env_name} is too weak: use at least {MIN_SECRET_LENGTH} random characters "
+                    "(a known placeholder or a repetitive value is refused outside development)."
+                )
+        return self
+
+    def source_url(self, source: str, kind: Literal["rest", "ws"]) -> str | None:
+        return self.source_urls.get(f"{source.lower()}_{kind}_url")
+
+    def service_url(self, service: str) -> str:
+        url: str = getattr(self, f"{service}_url")
+        return url.rstrip("/")
+
+    def jwt_secret_value(self) -> str:
+        assert self.jwt_secret is not None  # guaranteed by _check_secrets
+        return self.jwt_secret.get_secret_value()
+
+    def hmac_key_bytes(self) -> bytes:
+        assert self.hmac_key is not None
+        return self.hmac_key.get_secret_value().encode()
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigurationError(
+                "COINLYTICS_DATABASE_URL is not set. `make run` starts an embedded PostgreSQL and sets it; "
+                "to run a service on its own, point it at a PostgreSQL server."
+            )
+        return self.database_url
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise ConfigurationError(
+                "COINLYTICS_REDIS_URL is not set. `make run` starts an embedded Redis and sets it; "
+                "to run a service on its own, point it at a Redis server."
+            )
+        return self.redis_url
+
+    def key(self, *parts: str) -> str:
+        """A Redis key or stream name inside this deployment's namespace."""
+        return ":".join((self.redis_namespace, *parts))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning validation failures into one readable ConfigurationError."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            name = f"COINLYTICS_{loc.upper()}" if loc != "settings" else "configuration"
+            lines.append(f"  {name}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None
