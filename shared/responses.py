@@ -16,9 +16,7 @@ def _default(value: object) -> object:
 
 
 def dumps(content: Any) -> bytes:
-    text: str = simplejson.dumps(
-        content, use_decimal=True, default=_default, separators=(",", ":"), ensure_ascii=False
-    )
+    text: str = simplejson.dumps(content, use_decimal=True, default=_default, separators=(",", ":"), ensure_ascii=False)
     return text.encode()
 
 

@@ -140,7 +140,9 @@ def consolidate(quotes: Sequence[QuoteView], now: datetime, settings: Settings) 
 
 
 def group_quotes(rows: Iterable[SourceQuote]) -> dict[tuple[str, str], list[QuoteView]]:
-    groups: dict[tuple[str, str], list[QuoteView]] = {}
+    """Quotes per (coin, currency), one per source: a source quoting BTC against USD, USDT and USDC
+    gets one vote, its direct fiat market if it has one, else its most liquid stablecoin market."""
+    best: dict[tuple[str, str, str], QuoteView] = {}
     for r in rows:
         view = QuoteView(
             source=r.source,
@@ -152,8 +154,20 @@ def group_quotes(rows: Iterable[SourceQuote]) -> dict[tuple[str, str], list[Quot
             exchange_ts=r.exchange_ts,
             received_at=r.received_at,
         )
+        key = (view.base, view.vs, view.source)
+        current = best.get(key)
+        if current is None or _rank(view) > _rank(current):
+            if current is not None:
+                current.status = "unused"
+            best[key] = view
+    groups: dict[tuple[str, str], list[QuoteView]] = {}
+    for view in best.values():
         groups.setdefault((view.base, view.vs), []).append(view)
     return groups
+
+
+def _rank(view: QuoteView) -> tuple[bool, Decimal]:
+    return (view.quote == view.vs, view.volume or Decimal(0))
 
 
 def price_payload(row: Price | Consolidated) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""The ``coinlytics`` command: run the whole platform, apply migrations.
+
+``coinlytics run`` is what ``make run`` calls: it finds or starts PostgreSQL and Redis, applies the
+migrations, and supervises one process per service until Ctrl-C, then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from shared.settings import ConfigurationError, Settings, load_settings
+
+SERVICES = ("ingest", "pricing", "conversion", "analytics", "alerting", "gateway")
+SECRETS_FILE = "secrets.env"
+
+
+def _say(message: str) -> None:
+    sys.stdout.write(f"coinlytics | {message}\n")
+    sys.stdout.flush()
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"coinlytics | error: {message}\n")
+    raise SystemExit(2)
+
+
+def ensure_secrets(data_dir: Path) -> dict[str, str]:
+    """Secrets for a local run when none are configured: generated once, kept (mode 0600) in the data dir."""
+    path = data_dir / SECRETS_FILE
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                values[key.strip()] = value.strip()
+    changed = False
+    for name in ("COINLYTICS_JWT_SECRET", "COINLYTICS_HMAC_KEY"):
+        if not values.get(name):
+            values[name] = secrets.token_urlsafe(48)
+            changed = True
+    if changed:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        path.chmod(0o600)
+    return values
+
+
+@contextlib.contextmanager
+def infrastructure(settings: Settings, data_dir: Path) -> Iterator[dict[str, str]]:
+    """Yields the environment that points services at PostgreSQL and Redis, starting embedded ones if needed."""
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+
+    env: dict[str, str] = {}
+    postgres = EmbeddedPostgres(data_dir / "postgres") if not settings.database_url else None
+    redis = EmbeddedRedis(data_dir / "redis") if not settings.redis_url else None
+    try:
+        if postgres is not None:
+            _say(f"starting embedded PostgreSQL in {postgres.data_dir} ...")
+            started = time.monotonic()
+            env["COINLYTICS_DATABASE_URL"] = postgres.start()
+            _say(f"embedded PostgreSQL ready ({time.monotonic() - started:.1f}s)")
+        else:
+            _say("using PostgreSQL from COINLYTICS_DATABASE_URL")
+        if redis is not None:
+            _say(f"starting embedded Redis in {redis.data_dir} ...")
+            env["COINLYTICS_REDIS_URL"] = redis.start()
+            _say(f"embedded Redis ready on 127.0.0.1:{redis.port}")
+        else:
+            _say("using Redis from COINLYTICS_REDIS_URL")
+        yield env
+    except EmbeddedServerError as exc:
+        _fail(str(exc))
+    finally:
+        if redis is not None:
+            redis.stop()
+            _say("embedded Redis stopped")
+        if postgres is not None:
+            postgres.stop()
+            _say("embedded PostgreSQL stopped")
+
+
+def wait_for_redis(url: str, timeout: float = 20.0) -> None:
+    import redis as redis_sync
+
+    deadline = time.monotonic() + timeout
+    client = redis_sync.Redis.from_url(url, socket_connect_timeout=2)
+    while True:
+        try:
+            client.ping()
+            client.close()
+            return
+        except redis_sync.RedisError as exc:
+            if time.monotonic() > deadline:
+                _fail(f"Redis at {url} does not answer: {exc}")
+            time.sleep(0.5)
+
+
+def migrate(database_url: str) -> None:
+    from shared.migrate import upgrade
+
+    started = time.monotonic()
+    try:
+        upgrade(database_url)
+    except Exception as exc:
+        _fail(f"could not apply database migrations: {type(exc).__name__}: {exc}")
+    _say(f"database schema up to date ({time.monotonic() - started:.1f}s)")
+
+
+def cmd_migrate(_args: argparse.Namespace) -> None:
+    try:
+        settings = load_settings()
+        url = settings.require_database_url()
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    migrate(url)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from honcho.manager import Manager
+
+    started = time.monotonic()
+    if args.sources:
+        os.environ["COINLYTICS_SOURCES"] = args.sources
+    data_dir = Path(os.environ.get("COINLYTICS_DATA_DIR", "./.coinlytics")).resolve()
+    secret_env: dict[str, str] = {}
+    if os.environ.get("COINLYTICS_ENV", "production") != "development":
+        generated = ensure_secrets(data_dir)
+        for name, value in generated.items():
+            if not os.environ.get(name):
+                secret_env[name] = value
+        if secret_env:
+            _say(f"using generated secrets from {data_dir / SECRETS_FILE}")
+    os.environ.update(secret_env)
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if "sim" in settings.sources:
+        _say("the 'sim' source is on: prices are SIMULATED (sources named sim-*), not market data")
+    with infrastructure(settings, data_dir) as infra_env:
+        database_url = infra_env.get("COINLYTICS_DATABASE_URL") or settings.require_database_url()
+        redis_url = infra_env.get("COINLYTICS_REDIS_URL") or settings.require_redis_url()
+        wait_for_redis(redis_url)
+        migrate(database_url)
+        env = dict(os.environ)
+        env.update(infra_env)
+        env.update({"COINLYTICS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"})
+        env.setdefault("COINLYTICS_LOG_FORMAT", "console")
+        manager = Manager()
+        for service in SERVICES:
+            manager.add_process(service, f"{sys.executable} -m services.{service}", env=env)
+        _say(f"infrastructure ready in {time.monotonic() - started:.1f}s; starting {len(SERVICES)} services")
+        _say(f"gateway:   http://127.0.0.1:{settings.gateway_port}")
+        _say(f"explorer:  http://127.0.0.1:{settings.gateway_port}/docs")
+        _say(f"try:       curl 'http://127.0.0.1:{settings.gateway_port}/api/v1/prices?symbols=BTC&vs=USD'")
+        _say(f"status:    http://127.0.0.1:{settings.gateway_port}/api/v1/status")
+        _say("press Ctrl-C to stop everything")
+        manager.loop()
+        code = manager.returncode or 0
+    raise SystemExit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coinlytics", description="Coinlytics market-data platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start PostgreSQL/Redis (embedded if not configured) and every service")
+    run.add_argument("--sources", help="override COINLYTICS_SOURCES, e.g. --sources sim")
+    run.set_defaults(func=cmd_run)
+    mig = sub.add_parser("migrate", help="apply database migrations to COINLYTICS_DATABASE_URL")
+    mig.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

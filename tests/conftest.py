@@ -1,0 +1,217 @@
+"""Test infrastructure: real PostgreSQL and Redis, a database per test worker, a Redis namespace per
+test, real HTTP servers on 127.0.0.1 for the services and for replayed exchange traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+
+from shared.settings import Settings
+from tests.replay import ReplayServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("ticks", "source_quotes", "prices", "error_log", "coins")
+
+
+def fixtures_dir() -> Path:
+    configured = os.environ.get("COINLYTICS_FIXTURES_DIR")
+    return Path(configured) if configured else (ROOT.parent / "shared" / "fixtures" / "exchanges")
+
+
+@pytest.fixture(scope="session")
+def exchange_fixtures() -> Path:
+    path = fixtures_dir()
+    if not path.is_dir():
+        pytest.skip(
+            f"recorded exchange payloads not found at {path}; set COINLYTICS_FIXTURES_DIR to the "
+            "fixtures/exchanges folder to run the replay tests"
+        )
+    return path
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(scope="session")
+def server_database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("COINLYTICS_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    from shared.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), database="postgres")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("COINLYTICS_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    from shared.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.start(preferred_port=0 or free_port())
+    finally:
+        server.stop()
+
+
+def _asyncpg_dsn(url: str) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_database_url: str) -> AsyncIterator[str]:
+    """A database of this test run and worker: created, migrated, and dropped at the end."""
+    from shared.migrate import upgrade_async
+
+    name = f"coinlytics_test_{_worker()}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(_asyncpg_dsn(server_database_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = make_url(server_database_url).set(database=name).render_as_string(hide_password=False)
+    await upgrade_async(url)
+    yield url
+    admin = await asyncpg.connect(_asyncpg_dsn(server_database_url))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def clean_db(database_url: str) -> str:
+    conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+    try:
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+    finally:
+        await conn.close()
+    return database_url
+
+
+@pytest.fixture
+async def db(clean_db: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for assertions, independent of the code under test."""
+    conn = await asyncpg.connect(_asyncpg_dsn(clean_db))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def redis(server_redis_url: str, namespace: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(server_redis_url)
+    try:
+        yield client
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{namespace}:*", count=500)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+def make_settings(database_url: str, redis_url: str, namespace: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "test",
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "redis_namespace": namespace,
+        "jwt_secret": secrets.token_urlsafe(48),
+        "hmac_key": secrets.token_urlsafe(48),
+        # Recorded payloads carry old exchange timestamps.
+        "max_clock_skew_seconds": 0,
+        "source_max_age_seconds": 10**9,
+        "poll_interval_seconds": 0.2,
+        "stream_claim_idle_ms": 200,
+        "log_format": "console",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(clean_db: str, server_redis_url: str, namespace: str, redis: Redis) -> Settings:
+    return make_settings(clean_db, server_redis_url, namespace)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any) -> AsyncIterator[str]:
+    """Runs an ASGI app on a real uvicorn server on 127.0.0.1; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped during startup")
+            await asyncio.sleep(0.025)
+        else:
+            raise RuntimeError("server did not start within 10s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=15)
+
+
+@pytest.fixture
+async def replay() -> AsyncIterator[ReplayServer]:
+    server = ReplayServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def eventually(check: Any, *, timeout: float = 15.0, interval: float = 0.1) -> Any:
+    """Polls ``check`` (async, returning a truthy value when satisfied) until it holds or time runs out."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while True:
+        last = await check()
+        if last:
+            return last
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+        await asyncio.sleep(interval)
