@@ -52,7 +52,10 @@ class EmbeddedPostgres:
             self.server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
         except Exception as exc:
             raise EmbeddedServerError(f"embedded PostgreSQL did not start in {self.data_dir}: {exc}") from exc
-        exists = self.server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.database}';")
+        if not self.database.replace("_", "").isalnum():
+            raise EmbeddedServerError(f"invalid database name {self.database!r}")
+        # psql takes no bind parameters; the name was checked to be alphanumeric above.
+        exists = self.server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.database}';")  # noqa: S608
         if "1 row" not in exists:
             self.server.psql(f'CREATE DATABASE "{self.database}";')
         return self.dsn()
