@@ -44,12 +44,12 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or reuse) the server and make sure ``database`` exists; returns its DSN."""
-        import pgserver
+        from pgserver import get_server
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             # 'stop': the server stops when this handle is cleaned up (or at interpreter exit).
-            self.server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+            self.server = get_server(self.data_dir, cleanup_mode="stop")
         except Exception as exc:
             raise EmbeddedServerError(f"embedded PostgreSQL did not start in {self.data_dir}: {exc}") from exc
         if not self.database.replace("_", "").isalnum():

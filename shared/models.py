@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from datetime import date, datetime
 from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
     Numeric,
     String,
     Text,
+    Uuid,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -110,4 +114,130 @@ class ErrorLog(Base):
     kind: Mapped[str] = mapped_column(String(50))
     message: Mapped[str] = mapped_column(Text)
     details: Mapped[dict | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
+
+
+# --- Market data (issue: market data) -----------------------------------------------------------
+
+
+class CoinMarketData(Base):
+    """Metadata and market cap from CoinGecko, refreshed by a scheduled job."""
+
+    __tablename__ = "coin_market_data"
+
+    symbol: Mapped[str] = mapped_column(String(15), primary_key=True)
+    coingecko_id: Mapped[str | None] = mapped_column(String(100))
+    name: Mapped[str | None] = mapped_column(String(100))
+    market_cap_usd: Mapped[Decimal | None] = mapped_column(Amount)
+    circulating_supply: Mapped[Decimal | None] = mapped_column(Amount)
+    total_supply: Mapped[Decimal | None] = mapped_column(Amount)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Candle(Base):
+    """OHLCV per coin and currency. ``interval`` is '1m', '1h' or '1d'; coarser views aggregate these."""
+
+    __tablename__ = "candles"
+
+    base: Mapped[str] = mapped_column(String(15), primary_key=True)
+    vs: Mapped[str] = mapped_column(String(15), primary_key=True)
+    interval: Mapped[str] = mapped_column(String(4), primary_key=True)
+    t: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    open: Mapped[Decimal] = mapped_column(Amount)
+    high: Mapped[Decimal] = mapped_column(Amount)
+    low: Mapped[Decimal] = mapped_column(Amount)
+    close: Mapped[Decimal] = mapped_column(Amount)
+    volume: Mapped[Decimal | None] = mapped_column(Amount)
+    source: Mapped[str] = mapped_column(String(50), default="consolidated", server_default="consolidated")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class BackfillProgress(Base):
+    """How far a backfill got per coin, currency and source, so it resumes instead of starting over."""
+
+    __tablename__ = "backfill_progress"
+
+    base: Mapped[str] = mapped_column(String(15), primary_key=True)
+    vs: Mapped[str] = mapped_column(String(15), primary_key=True)
+    source: Mapped[str] = mapped_column(String(50), primary_key=True)
+    oldest: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    newest: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+# --- Fiat rates and conversion (issue: conversion) ----------------------------------------------
+
+
+class FiatRate(Base):
+    """ECB euro reference rates: units of ``currency`` per 1 EUR on ``day`` (working days only)."""
+
+    __tablename__ = "fiat_rates"
+
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    per_eur: Mapped[Decimal] = mapped_column(Amount)
+    source: Mapped[str] = mapped_column(String(20), default="ecb", server_default="ecb")
+
+
+class RateSnapshot(Base):
+    """The full rate table as it was at ``taken_at`` (against ``base``), so past conversions reproduce."""
+
+    __tablename__ = "rate_snapshots"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    base: Mapped[str] = mapped_column(String(15))
+    rates: Mapped[dict] = mapped_column(JSONB)
+
+
+# --- Accounts (issue: accounts and gateway security) --------------------------------------------
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(10), default="user", server_default="user")
+    vs_currency: Mapped[str] = mapped_column(String(15), default="USD", server_default="USD")
+    watchlist: Mapped[list[str]] = mapped_column(ARRAY(String(15)), default=list, server_default="{}")
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    password_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RefreshToken(Base):
+    """One issued refresh token; tokens rotated from one login share a family (reuse revokes it)."""
+
+    __tablename__ = "refresh_tokens"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    family_id: Mapped[str] = mapped_column(String(64), index=True)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PasswordResetToken(Base):
+    __tablename__ = "password_reset_tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UserActivity(Base):
+    __tablename__ = "user_activity"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    details: Mapped[dict | None] = mapped_column(JSONB)
+    client_address: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)

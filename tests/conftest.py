@@ -23,7 +23,6 @@ from shared.settings import Settings
 from tests.replay import ReplayServer
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("ticks", "source_quotes", "prices", "error_log", "coins")
 
 
 def fixtures_dir() -> Path:
@@ -106,7 +105,12 @@ async def database_url(server_database_url: str) -> AsyncIterator[str]:
 async def clean_db(database_url: str) -> str:
     conn = await asyncpg.connect(_asyncpg_dsn(database_url))
     try:
-        await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        )
+        if tables:
+            names = ", ".join(f'"{t["tablename"]}"' for t in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
     finally:
         await conn.close()
     return database_url
