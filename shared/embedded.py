@@ -44,7 +44,7 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or reuse) the server and make sure ``database`` exists; returns its DSN."""
-        from pgserver import get_server
+        from pgserver import get_server  # type: ignore[attr-defined]  # re-exported without __all__
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
