@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -53,6 +53,8 @@ class TickMessage(BaseModel):
     quote_volume_24h: Decimal | None = Field(default=None, ge=0)
     exchange_ts: datetime
     received_at: datetime
+    # How the quote arrived: sources age out faster on a websocket than on REST polling.
+    transport: Literal["ws", "rest", "sim"] = "rest"
 
     @field_validator("price", "bid", "ask", "volume_24h", "quote_volume_24h", mode="before")
     @classmethod

@@ -85,6 +85,7 @@ class SourceQuote(Base):
     exchange_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     tick_id: Mapped[str] = mapped_column(String(200))
+    transport: Mapped[str] = mapped_column(String(10), default="rest", server_default="rest")
     status: Mapped[str] = mapped_column(String(10), default="used", server_default="used")
 
 

@@ -269,6 +269,7 @@ class SimSource:
                         quote_volume_24h=None,
                         exchange_ts=now,
                         received_at=now,
+                        transport="sim",
                     )
                 )
         return ticks, []

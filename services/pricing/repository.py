@@ -64,6 +64,7 @@ async def upsert_source_quotes(session: AsyncSession, ticks: Iterable[TickMessag
             "exchange_ts": t.exchange_ts,
             "received_at": t.received_at,
             "tick_id": t.tick_id,
+            "transport": t.transport,
             "status": "used",
         }
         for t in latest.values()

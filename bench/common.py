@@ -1,0 +1,86 @@
+"""What every benchmark shares: figures, and real PostgreSQL/Redis to measure against."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from shared.settings import Settings
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    baseline_name: str | None = None
+    baseline_value: float | None = None
+    target: str | None = None
+
+    def ratio(self) -> float | None:
+        if self.baseline_value in (None, 0):
+            return None
+        return self.value / self.baseline_value  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def servers(tmp: Path) -> Iterator[tuple[str, str]]:
+    """PostgreSQL and Redis: those named by COINLYTICS_BENCH_DATABASE_URL / _REDIS_URL (or the test
+    variables), else embedded ones in ``tmp``."""
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    db = os.environ.get("COINLYTICS_BENCH_DATABASE_URL") or os.environ.get("COINLYTICS_TEST_DATABASE_URL")
+    rd = os.environ.get("COINLYTICS_BENCH_REDIS_URL") or os.environ.get("COINLYTICS_TEST_REDIS_URL")
+    pg = None if db else EmbeddedPostgres(tmp / "pg", database="postgres")
+    rs = None if rd else EmbeddedRedis(tmp / "redis")
+    try:
+        db = db or pg.start()  # type: ignore[union-attr]
+        rd = rd or rs.start(preferred_port=6391)  # type: ignore[union-attr]
+        yield db, rd
+    finally:
+        if rs:
+            rs.stop()
+        if pg:
+            pg.stop()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str) -> AsyncIterator[str]:
+    from shared.migrate import upgrade_async
+
+    name = f"coinlytics_bench_{uuid.uuid4().hex[:8]}"
+    admin_dsn = make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(admin_dsn)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    await upgrade_async(url)
+    try:
+        yield url
+    finally:
+        conn = await asyncpg.connect(admin_dsn)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+def bench_settings(database_url: str, redis_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "env": "test",
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "redis_namespace": f"bench-{uuid.uuid4().hex[:8]}",
+        "jwt_secret": secrets.token_urlsafe(48),
+        "hmac_key": secrets.token_urlsafe(48),
+        "max_clock_skew_seconds": 0,
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
