@@ -30,6 +30,7 @@ ROUTES: dict[str, str] = {
     "alerts": "alerting",
     "admin/sources": "ingest",
     "admin/errors": "ingest",
+    "admin/coins": "pricing",
 }
 HOP_BY_HOP = frozenset(
     {
