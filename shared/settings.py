@@ -78,16 +78,52 @@ class Settings(BaseSettings):
     upstream_timeout_seconds: float = Field(default=10.0, gt=0)
     poll_interval_seconds: float = Field(default=5.0, gt=0)
     source_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How often ingest re-reads the tracked coins (the `coins` table) to follow admin changes.
+    coins_refresh_seconds: float = Field(default=10.0, gt=0)
     stream_maxlen: int = Field(default=100_000, ge=100)
     stream_max_deliveries: int = Field(default=5, ge=1)
     stream_claim_idle_ms: int = Field(default=30_000, ge=100)
     stream_batch_size: int = Field(default=500, ge=1)
-    min_fresh_sources: int = Field(default=1, ge=1)
-    source_max_age_seconds: float = Field(default=120, gt=0)
+    min_fresh_sources: int = Field(default=2, ge=1)
+    source_max_age_ws_seconds: float = Field(default=30, gt=0)
+    source_max_age_rest_seconds: float = Field(default=120, gt=0)
+    consolidation_refresh_seconds: float = Field(default=5, gt=0)
     sim_interval_seconds: float = Field(default=1.0, gt=0)
     sim_seed: int | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    # Accounts and gateway security (docs/security.md explains each).
+    public_url: str = Field(default=f"http://127.0.0.1:{SERVICE_PORTS['gateway']}", pattern=r"^https?://[^/?#]+$")
+    smtp_from: str = "Coinlytics <no-reply@localhost>"
+    jwt_issuer: str = "coinlytics"
+    jwt_audience: str = "coinlytics-api"
+    access_token_minutes: int = Field(default=15, ge=1, le=60)
+    refresh_token_days: int = Field(default=14, ge=1, le=90)
+    token_verifier: Literal["local", "oidc"] = "local"
+    oidc_issuer: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_audience: str | None = None
+    oidc_algorithms: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["RS256"])
+    oidc_admin_role: str = "admin"
+    # OWASP's floor for Argon2id is m=19 MiB, t=2, p=1; lower values are refused.
+    argon2_memory_kib: int = Field(default=19_456, ge=19_456)
+    argon2_time_cost: int = Field(default=2, ge=2)
+    argon2_parallelism: int = Field(default=1, ge=1)
+    password_reset_minutes: int = Field(default=30, ge=5, le=60)
+    login_max_failures: int = Field(default=5, ge=1)
+    login_failure_window_seconds: int = Field(default=900, ge=1)
+    login_max_attempts_per_ip: int = Field(default=50, ge=1)
+    login_ip_window_seconds: int = Field(default=300, ge=1)
+    rate_limit_anonymous: int = Field(default=60, ge=1)
+    rate_limit_user: int = Field(default=600, ge=1)
+    rate_limit_window_seconds: int = Field(default=60, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    https_only: bool = False
+    hsts_seconds: int = Field(default=31_536_000, ge=0)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    internal_auth_required: bool = True
+    internal_auth_max_skew_seconds: int = Field(default=60, ge=1)
 
     @field_validator("coins", "vs_currencies", mode="before")
     @classmethod
@@ -96,6 +132,11 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             return [str(v).strip().upper() for v in value]
         return value
+
+    @field_validator("cors_origins", "oidc_algorithms", mode="before")
+    @classmethod
+    def _plain_csv(cls, value: object) -> object:
+        return _split_csv(value)
 
     @field_validator("sources", mode="before")
     @classmethod

@@ -153,10 +153,13 @@ def make_settings(database_url: str, redis_url: str, namespace: str, **overrides
         "hmac_key": secrets.token_urlsafe(48),
         # Recorded payloads carry old exchange timestamps.
         "max_clock_skew_seconds": 0,
-        "source_max_age_seconds": 10**9,
+        "source_max_age_ws_seconds": 10**9,
+        "source_max_age_rest_seconds": 10**9,
         "poll_interval_seconds": 0.2,
         "stream_claim_idle_ms": 200,
         "log_format": "console",
+        # Tests call services directly; tests/test_gateway_security.py turns this back on to prove it.
+        "internal_auth_required": False,
     }
     values.update(overrides)
     return Settings(**values)

@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from services.pricing import repository
-from services.pricing.schemas import PricesOut
+from services.pricing.consolidation import USD_STABLECOINS
+from services.pricing.consolidation import votes as source_votes
+from services.pricing.schemas import PricesOut, SourcesOut
 from services.pricing.service import PricingService
 from shared.db import transaction
 from shared.errors import NoFreshData, UnknownCurrency, UnknownSymbol, ValidationFailed, error_responses
@@ -96,4 +98,67 @@ async def get_prices(
                 value = entry.get(extra)
                 out[extra] = Decimal(value) if value is not None else None
             body.setdefault(base, {})[currency] = out
+    return DecimalJSONResponse(body)
+
+
+@router.get(
+    "/api/v1/prices/{symbol}/sources",
+    response_model=SourcesOut,
+    summary="Each source's latest quote beside the consolidated price",
+    description="The cross-exchange comparison: every source's vote for `symbol` in `vs` with its status "
+    "(`used`, `stale` or `outlier`). Example: `/api/v1/prices/BTC/sources?vs=USD`.",
+    responses=error_responses(404, 422),
+)
+async def get_sources(
+    request: Request,
+    symbol: str,
+    vs: str = Query(default="USD", description="currency", examples=["USD"]),
+) -> DecimalJSONResponse:
+    base = parse_symbols(symbol, "symbol", limit=1)[0]
+    currency = parse_symbols(vs, "vs", limit=1)[0]
+    resources = get_resources(request)
+    async with transaction(resources.sessions) as session:
+        known = await repository.known_symbols(session, [base])
+        if base not in known:
+            raise UnknownSymbol(f"unknown coin: {base}", details={"unknown": [base]})
+        quotes = await repository.quotes_for(session, base)
+        consolidated = await repository.get_price(session, base, currency)
+        stable = await repository.stablecoin_usd_rates(session, USD_STABLECOINS)
+    if consolidated is None and currency not in resources.settings.vs_currencies:
+        raise UnknownCurrency(f"unknown currency: {currency}", details={"unknown": [currency]})
+    # One vote per source, chosen as consolidation chooses (direct market first, else most liquid).
+    groups, _ = source_votes(quotes, stable)
+    chosen = {(v.source, v.quote) for v in groups.get((base, currency), [])}
+    votes = [q for q in quotes if (q.source, q.quote) in chosen]
+    body = {
+        "symbol": base,
+        "vs": currency,
+        "consolidated": None
+        if consolidated is None
+        else {
+            "price": consolidated.price,
+            "status": consolidated.status,
+            "sources_used": consolidated.sources_used,
+            "sources_total": consolidated.sources_total,
+            "method": consolidated.method,
+            "last_updated": consolidated.last_updated,
+        },
+        "sources": [
+            {
+                "source": q.source,
+                "pair": q.pair,
+                "quote": q.quote,
+                "price": q.price * stable.get(q.quote, Decimal(1)) if q.quote != currency else q.price,
+                "quoted_price": q.price,
+                "bid": q.bid,
+                "ask": q.ask,
+                "volume_24h": q.volume_24h,
+                "timestamp": q.exchange_ts,
+                "received_at": q.received_at,
+                "transport": q.transport,
+                "status": q.status,
+            }
+            for q in votes
+        ],
+    }
     return DecimalJSONResponse(body)

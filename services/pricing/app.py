@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,23 @@ from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
 log = structlog.get_logger("pricing")
+
+
+async def refresh_loop(service: PricingService, resources: Resources, stop: asyncio.Event) -> None:
+    """Re-evaluates every tracked coin on a timer, so a source that falls silent ages out and the
+    price turns stale even when no new tick arrives to trigger consolidation."""
+    interval = resources.settings.consolidation_refresh_seconds
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        if stop.is_set():
+            return
+        try:
+            async with transaction(resources.sessions) as session:
+                symbols = await repository.tracked_symbols(session)
+            await service.refresh(symbols)
+        except Exception as exc:  # the loop must outlive a database or Redis hiccup
+            log.warning("freshness_refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -36,15 +54,17 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.tick_consumer = consumer
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop), name="tick-consumer")
+        refresher = asyncio.create_task(refresh_loop(service, resources, stop), name="freshness-refresh")
         log.info("pricing_ready", coins=settings.coins, min_fresh_sources=settings.min_fresh_sources)
         try:
             yield
         finally:
             stop.set()
-            try:
-                await asyncio.wait_for(task, timeout=5)
-            except TimeoutError:
-                task.cancel()
+            for running in (task, refresher):
+                try:
+                    await asyncio.wait_for(running, timeout=5)
+                except TimeoutError:
+                    running.cancel()
 
     return build_service_app(
         "pricing",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.messages import TickMessage
-from shared.models import Coin, Price, SourceQuote, Tick
+from shared.models import Coin, FiatRate, Price, SourceQuote, Tick
 
 # asyncpg allows 32,767 bind parameters per statement; 12 columns a tick keeps well inside it.
 INSERT_CHUNK = 1000
@@ -85,13 +86,60 @@ async def load_quotes(session: AsyncSession, bases: Iterable[str]) -> list[Sourc
 
 
 async def set_quote_statuses(session: AsyncSession, statuses: dict[tuple[str, str, str], str]) -> None:
-    for (source, base, quote), status in statuses.items():
-        await session.execute(
-            update(SourceQuote)
-            .where(SourceQuote.source == source, SourceQuote.base == base, SourceQuote.quote == quote)
-            .where(SourceQuote.status != status)
-            .values(status=status)
+    """One statement for all quotes: only rows whose status changed are written."""
+    if not statuses:
+        return
+    keys = list(statuses)
+    await session.execute(
+        text(
+            "UPDATE source_quotes AS s SET status = u.status "
+            "FROM unnest(CAST(:sources AS text[]), CAST(:bases AS text[]), CAST(:quotes AS text[]), "
+            "CAST(:statuses AS text[])) AS u(source, base, quote, status) "
+            "WHERE s.source = u.source AND s.base = u.base AND s.quote = u.quote AND s.status <> u.status"
+        ),
+        {
+            "sources": [k[0] for k in keys],
+            "bases": [k[1] for k in keys],
+            "quotes": [k[2] for k in keys],
+            "statuses": [statuses[k] for k in keys],
+        },
+    )
+
+
+async def stablecoin_usd_rates(session: AsyncSession, stablecoins: Iterable[str]) -> dict[str, Decimal]:
+    """Measured USD value of each stablecoin that has a fresh consolidated USD price of its own."""
+    result = await session.execute(
+        select(Price.base, Price.price).where(
+            Price.base.in_(list(stablecoins)), Price.vs == "USD", Price.status == "fresh"
         )
+    )
+    return {row[0]: row[1] for row in result.all()}
+
+
+async def latest_fiat_rates(session: AsyncSession) -> dict[str, Decimal]:
+    """The latest ECB rate of every currency (units per EUR)."""
+    result = await session.execute(
+        select(FiatRate.currency, FiatRate.per_eur)
+        .distinct(FiatRate.currency)
+        .order_by(FiatRate.currency, FiatRate.day.desc())
+    )
+    return {row[0]: row[1] for row in result.all()}
+
+
+async def quotes_for(session: AsyncSession, base: str) -> list[SourceQuote]:
+    result = await session.scalars(
+        select(SourceQuote).where(SourceQuote.base == base).order_by(SourceQuote.source, SourceQuote.quote)
+    )
+    return list(result.all())
+
+
+async def get_price(session: AsyncSession, base: str, vs: str) -> Price | None:
+    return await session.get(Price, (base, vs))
+
+
+async def tracked_symbols(session: AsyncSession) -> list[str]:
+    result = await session.scalars(select(Coin.symbol).where(Coin.active.is_(True)).order_by(Coin.symbol))
+    return list(result.all())
 
 
 async def upsert_prices(session: AsyncSession, prices: Sequence[dict[str, object]]) -> None:
@@ -107,6 +155,11 @@ async def upsert_prices(session: AsyncSession, prices: Sequence[dict[str, object
 
 async def get_prices(session: AsyncSession, bases: Iterable[str], vs: Iterable[str]) -> list[Price]:
     result = await session.scalars(select(Price).where(Price.base.in_(list(bases)), Price.vs.in_(list(vs))))
+    return list(result.all())
+
+
+async def prices_of(session: AsyncSession, bases: Iterable[str]) -> list[Price]:
+    result = await session.scalars(select(Price).where(Price.base.in_(list(bases))))
     return list(result.all())
 
 

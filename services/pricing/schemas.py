@@ -27,3 +27,34 @@ class PricesOut(RootModel[dict[str, dict[str, PriceEntry]]]):
             ]
         }
     }  # fmt: skip
+
+
+class SourceQuoteOut(BaseModel):
+    source: str = Field(examples=["binance"])
+    pair: str = Field(examples=["BTCUSDT"])
+    quote: str = Field(examples=["USDT"], description="the currency the source quoted in")
+    price: Decimal = Field(description="the source's price restated in `vs`")
+    quoted_price: Decimal = Field(description="the price as the source quoted it, in `quote`")
+    bid: Decimal | None = None
+    ask: Decimal | None = None
+    volume_24h: Decimal | None = None
+    timestamp: datetime = Field(description="the exchange's time of the quote")
+    received_at: datetime
+    transport: str = Field(examples=["ws"], description="ws, rest or sim")
+    status: str = Field(examples=["used"], description="used, stale or outlier")
+
+
+class ConsolidatedOut(BaseModel):
+    price: Decimal
+    status: str
+    sources_used: int
+    sources_total: int
+    method: str = Field(examples=["vwap-mad2.5"])
+    last_updated: datetime
+
+
+class SourcesOut(BaseModel):
+    symbol: str
+    vs: str
+    consolidated: ConsolidatedOut | None
+    sources: list[SourceQuoteOut]
