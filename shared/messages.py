@@ -55,11 +55,8 @@ class TickMessage(BaseModel):
     received_at: datetime
     # How the quote arrived: sources age out faster on a websocket than on REST polling.
     transport: Literal["ws", "rest", "sim"] = "rest"
-
-    @field_validator("price", "bid", "ask", "volume_24h", "quote_volume_24h", mode="before")
-    @classmethod
-    def _finite(cls, value: object) -> object:
-        return to_decimal(value)
+    # Where ``price`` came from: the last trade, or the mid of best bid/ask when a feed only sends book tops.
+    price_kind: Literal["last", "mid"] = "last"
 
     @field_validator("exchange_ts", "received_at")
     @classmethod
@@ -74,5 +71,19 @@ class TickMessage(BaseModel):
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())
             raise PoisonMessage(f"invalid tick: {problems}") from None
 
+    @classmethod
+    def from_json(cls, raw: str | bytes | None) -> TickMessage:
+        """Parse a stream entry's ``data`` straight from JSON (pydantic-core parses and validates in one pass)."""
+        if raw is None:
+            raise PoisonMessage("entry has no 'data' field")
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise PoisonMessage(f"invalid tick: {_problems(exc)}") from None
+
     def to_stream(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()[:5])

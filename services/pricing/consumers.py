@@ -16,12 +16,12 @@ def tick_consumer(
     redis: Redis, settings: Settings, service: PricingService, *, consumer: str | None = None
 ) -> StreamConsumer:
     async def handle_one(message: StreamMessage) -> None:
-        await service.apply_ticks([TickMessage.from_stream(message.payload())])
+        await service.apply_ticks([TickMessage.from_json(message.fields.get("data"))])
 
     async def handle_batch(messages: list[StreamMessage]) -> None:
         # Any malformed entry raises PoisonMessage here; the consumer then retries one by one,
         # dead-lettering only that entry.
-        await service.apply_ticks([TickMessage.from_stream(m.payload()) for m in messages])
+        await service.apply_ticks([TickMessage.from_json(m.fields.get("data")) for m in messages])
 
     return StreamConsumer(
         redis,

@@ -10,37 +10,38 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.messages import TickMessage
-from shared.models import Coin, FiatRate, Price, SourceQuote, Tick
+from shared.models import Coin, FiatRate, Price, SourceQuote
 
-# asyncpg allows 32,767 bind parameters per statement; 12 columns a tick keeps well inside it.
-INSERT_CHUNK = 1000
+TICK_COLUMNS = (
+    "tick_id", "source", "base", "quote", "price", "bid", "ask", "volume_24h", "quote_volume_24h",
+    "exchange_ts", "received_at",
+)  # fmt: skip
 
 
 async def insert_ticks(session: AsyncSession, ticks: Sequence[TickMessage]) -> set[str]:
-    """Store ticks; returns the ids that were new (a redelivered tick is not applied twice)."""
-    new_ids: set[str] = set()
-    for start in range(0, len(ticks), INSERT_CHUNK):
-        chunk = ticks[start : start + INSERT_CHUNK]
-        rows = [
-            {
-                "tick_id": t.tick_id,
-                "source": t.source,
-                "base": t.base,
-                "quote": t.quote,
-                "price": t.price,
-                "bid": t.bid,
-                "ask": t.ask,
-                "volume_24h": t.volume_24h,
-                "quote_volume_24h": t.quote_volume_24h,
-                "exchange_ts": t.exchange_ts,
-                "received_at": t.received_at,
-            }
-            for t in chunk
-        ]
-        stmt = insert(Tick).values(rows).on_conflict_do_nothing(index_elements=[Tick.tick_id])
-        result = await session.execute(stmt.returning(Tick.tick_id))
-        new_ids.update(result.scalars().all())
-    return new_ids
+    """Store ticks; returns the ids that were new (a redelivered tick is not applied twice).
+
+    Rows go in with COPY into a per-connection staging table, then one INSERT ... ON CONFLICT DO NOTHING:
+    the idempotent write without building a statement with thousands of bind parameters."""
+    if not ticks:
+        return set()
+    connection = await session.connection()
+    # Through SQLAlchemy first: that opens the session's transaction on the connection, so the driver-level
+    # COPY below belongs to it (a tick must not commit unless the quotes and prices it changes do).
+    await connection.exec_driver_sql(
+        "CREATE TEMP TABLE IF NOT EXISTS tick_stage (LIKE ticks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    records = [tuple(getattr(t, column) for column in TICK_COLUMNS) for t in ticks]
+    await driver.copy_records_to_table("tick_stage", records=records, columns=TICK_COLUMNS)
+    columns = ", ".join(TICK_COLUMNS)
+    rows = await driver.fetch(
+        f"INSERT INTO ticks ({columns}) SELECT DISTINCT ON (tick_id) {columns} FROM tick_stage "  # noqa: S608
+        "ON CONFLICT (tick_id) DO NOTHING RETURNING tick_id"
+    )
+    return {r["tick_id"] for r in rows}
 
 
 async def upsert_source_quotes(session: AsyncSession, ticks: Iterable[TickMessage]) -> None:
