@@ -53,7 +53,7 @@ reliability: $(STAMP)
 	@$(PY) -m pytest -m reliability -p no:randomly $(PYTEST_ARGS)
 
 postman: $(STAMP)
-	@$(PY) -m shared.postman
+	@$(PY) -m services.gateway.postman
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
