@@ -175,7 +175,9 @@ async def run(*, database_url: str, redis_url: str, quick: bool) -> list[Figure]
                 env[f"COINLYTICS_SOURCE_{name.upper()}_REST_URL"] = "http://127.0.0.1:9"
             for service in ("pricing", "ingest"):
                 processes.append(
-                    subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=env, stdout=subprocess.DEVNULL)
+                    await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", f"services.{service}", env=env, stdout=asyncio.subprocess.DEVNULL
+                    )
                 )
             pricing_url = f"http://127.0.0.1:{ports['pricing']}"
             await _wait_ready(pricing_url)
