@@ -1,4 +1,4 @@
-"""The ``coinlytics`` command: run the whole platform, apply migrations.
+"""The ``coinlytics`` command: run the whole platform, apply migrations, backfill history.
 
 ``coinlytics run`` is what ``make run`` calls: it finds or starts PostgreSQL and Redis, applies the
 migrations, and supervises one process per service until Ctrl-C, then stops everything it started.
@@ -168,6 +168,91 @@ def cmd_run(args: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
+def cmd_backfill(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from services.pricing.history.backfill import BACKFILL_INTERVALS, BackfillError, describe, parse_coins, run_backfill
+    from shared.timeparse import parse_time
+
+    coins = parse_coins(args.coins)
+    intervals = parse_coins(args.intervals.replace("M", "m").replace("H", "h").replace("D", "d"))
+    intervals = [i.lower() for i in intervals]
+    unknown = [i for i in intervals if i not in BACKFILL_INTERVALS]
+    if not coins or unknown or not intervals or args.days <= 0:
+        _fail(f"give --coins, --days > 0 and --intervals from {','.join(BACKFILL_INTERVALS)}")
+    data_dir = Path(os.environ.get("COINLYTICS_DATA_DIR", "./.coinlytics")).resolve()
+    if os.environ.get("COINLYTICS_ENV", "production") != "development":
+        for name, value in ensure_secrets(data_dir).items():
+            os.environ.setdefault(name, value)
+    try:
+        settings = load_settings()
+        end = parse_time(args.end, "--end") if args.end else None
+    except Exception as exc:
+        _fail(str(exc))
+    from shared.embedded import EmbeddedPostgres, EmbeddedServerError
+
+    postgres = EmbeddedPostgres(data_dir / "postgres") if not settings.database_url else None
+    try:
+        if postgres is not None:
+            settings = settings.model_copy(update={"database_url": postgres.start()})
+        migrate(settings.require_database_url())
+        _say(f"backfilling {','.join(coins)} in {args.vs.upper()} from {args.source}: {args.days:g} days")
+        report = asyncio.run(
+            run_backfill(settings, coins=coins, vs=args.vs.upper(), days=args.days, source=args.source,
+                         intervals=intervals, end=end, show_progress=not args.quiet)
+        )  # fmt: skip
+    except (BackfillError, EmbeddedServerError) as exc:
+        _fail(str(exc))
+    finally:
+        if postgres is not None:
+            postgres.stop()
+    for line in describe(report):
+        _say(line)
+
+
+def cmd_create_admin(args: argparse.Namespace) -> None:
+    """Makes the first administrator: promotes an existing account, or creates one with the given password."""
+    import asyncio
+    import getpass
+
+    from prometheus_client import CollectorRegistry
+
+    from services.gateway.auth.schemas import PASSWORD_MAX, PASSWORD_MIN, normalise_email
+    from services.gateway.auth.service import AuthService
+    from shared.auth import Denylist
+    from shared.errors import AppError
+    from shared.service_app import open_resources
+
+    try:
+        settings = load_settings()
+        settings.require_database_url()
+        settings.require_redis_url()
+        email = normalise_email(args.email)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    except ValueError:
+        _fail(f"{args.email!r} is not an email address")
+    password: str | None = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("password for a new account (Enter to only promote an existing one): ") or None
+    if password is not None and not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        _fail(f"the password needs {PASSWORD_MIN} to {PASSWORD_MAX} characters")
+
+    async def run() -> tuple[str, bool]:
+        async with open_resources(settings, CollectorRegistry()) as res:
+            service = AuthService(settings, res.sessions, res.redis, res.publisher, Denylist(res.redis, settings))
+            user, created = await service.ensure_admin(email, password)
+            return str(user.id), created
+
+    try:
+        user_id, created = asyncio.run(run())
+    except AppError as exc:
+        _fail(exc.message)
+    _say(f"{'created administrator' if created else 'promoted to administrator'}: {email} ({user_id})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coinlytics", description="Coinlytics market-data platform")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     mig = sub.add_parser("migrate", help="apply database migrations to COINLYTICS_DATABASE_URL")
     mig.set_defaults(func=cmd_migrate)
+    admin = sub.add_parser("create-admin", help="make an account an administrator (creating it if needed)")
+    admin.add_argument("--email", required=True)
+    admin.add_argument("--password-stdin", action="store_true", help="read the new account's password from stdin")
+    admin.set_defaults(func=cmd_create_admin)
+    fill = sub.add_parser("backfill", help="load past OHLCV candles from an exchange (resumable; see docs/history.md)")
+    fill.add_argument("--coins", required=True, help="comma-separated coins, e.g. BTC,ETH")
+    fill.add_argument("--days", type=float, required=True, help="how far back from --end")
+    fill.add_argument("--vs", default="USD", help="currency; stablecoin markets count toward USD (default USD)")
+    fill.add_argument("--source", default="binance", help="exchange (any ccxt name, default binance)")
+    fill.add_argument("--intervals", default="1m,1h,1d", help="candle intervals to load (default 1m,1h,1d)")
+    fill.add_argument("--end", help="ISO 8601 or Unix seconds (default now)")
+    fill.add_argument("--quiet", action="store_true", help="no progress bar")
+    fill.set_defaults(func=cmd_backfill)
     return parser
 
 

@@ -156,6 +156,9 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        # FastAPI's answer to a body that isn't even text; for clients it is one more invalid body (422).
+        return error_response(422, "validation_error", "the request body could not be parsed", None)
     code = _STATUS_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":

@@ -9,6 +9,7 @@ from decimal import Decimal
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Date,
     DateTime,
     ForeignKey,
@@ -151,16 +152,23 @@ class Candle(Base):
     volume: Mapped[Decimal | None] = mapped_column(Amount)
     source: Mapped[str] = mapped_column(String(50), default="consolidated", server_default="consolidated")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Times of the first and last consolidated price in a live candle (null for exchange candles).
+    first_ts: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_ts: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_candles_interval_t", "interval", "t"),)
 
 
 class BackfillProgress(Base):
-    """How far a backfill got per coin, currency and source, so it resumes instead of starting over."""
+    """How far a backfill got per coin, currency, source and interval: [oldest, newest) is loaded, so a
+    rerun resumes instead of starting over."""
 
     __tablename__ = "backfill_progress"
 
     base: Mapped[str] = mapped_column(String(15), primary_key=True)
     vs: Mapped[str] = mapped_column(String(15), primary_key=True)
     source: Mapped[str] = mapped_column(String(50), primary_key=True)
+    interval: Mapped[str] = mapped_column(String(4), primary_key=True, server_default="1d")
     oldest: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     newest: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -178,6 +186,9 @@ class FiatRate(Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     per_eur: Mapped[Decimal] = mapped_column(Amount)
     source: Mapped[str] = mapped_column(String(20), default="ecb", server_default="ecb")
+    # When the rate was last confirmed by a fetch: rates stay current between working days as long as
+    # the job keeps succeeding, so freshness is judged by this, not by ``day``.
+    fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class RateSnapshot(Base):
@@ -207,6 +218,8 @@ class User(Base):
     password_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (CheckConstraint("role IN ('user', 'admin')", name="role"),)
 
 
 class RefreshToken(Base):
@@ -242,3 +255,5 @@ class UserActivity(Base):
     details: Mapped[dict | None] = mapped_column(JSONB)
     client_address: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
+
+    __table_args__ = (Index("ix_user_activity_user_id_id", "user_id", "id"),)

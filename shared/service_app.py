@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.auth import InternalAuthMiddleware
 from shared.db import create_engine, session_factory
 from shared.errors import error_response, install_error_handlers
 from shared.logging import CorrelationIdMiddleware, configure_logging
@@ -174,10 +175,16 @@ def build_service_app(
         openapi_url="/openapi.json" if serve_docs else None,
         docs_url="/docs" if serve_docs else None,
         redoc_url="/redoc" if serve_docs else None,
+        # Decimals go out as JSON numbers (DecimalJSONResponse); the serialization-mode schema would call
+        # them strings, the validation-mode one allows numbers.
+        separate_input_output_schemas=False,
     )
     app.state.service = service
     app.state.settings = settings
     install_error_handlers(app)
+    if service != "gateway":
+        # Behind the gateway: identity arrives in its signed credential (docs/security.md).
+        app.add_middleware(InternalAuthMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, registry=registry)
     app.add_middleware(CorrelationIdMiddleware)
     app.include_router(ops_router())

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     consolidation_refresh_seconds: float = Field(default=5, gt=0)
     sim_interval_seconds: float = Field(default=1.0, gt=0)
     sim_seed: int | None = None
+    # History: raw ticks and 1-minute candles are deleted after these ages; hourly and daily candles stay.
+    retention_ticks_hours: float = Field(default=48, gt=0)
+    retention_candles_1m_days: float = Field(default=90, gt=0)
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
@@ -100,7 +103,7 @@ class Settings(BaseSettings):
     jwt_audience: str = "coinlytics-api"
     access_token_minutes: int = Field(default=15, ge=1, le=60)
     refresh_token_days: int = Field(default=14, ge=1, le=90)
-    token_verifier: Literal["local", "oidc"] = "local"
+    token_verifier: Literal["local", "oidc"] = "local"  # noqa: S105 - a mode name
     oidc_issuer: str | None = None
     oidc_jwks_url: str | None = None
     oidc_audience: str | None = None

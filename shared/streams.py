@@ -31,6 +31,8 @@ log = structlog.get_logger("streams")
 
 TICKS_STREAM = "ticks"
 PRICES_STREAM = "prices"
+# Email requests for the alerting service's sender: {"id", "to", "subject", "text"}.
+EMAILS_STREAM = "emails"
 
 
 class PoisonMessage(Exception):
@@ -45,10 +47,10 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def encode(payload: dict[str, Any]) -> dict[str, str]:
+def encode(payload: dict[str, Any], correlation_id: str | None = None) -> dict[str, str]:
     return {
         "data": json.dumps(payload, default=_json_default, separators=(",", ":")),
-        "cid": get_correlation_id() or new_correlation_id(),
+        "cid": correlation_id or get_correlation_id() or new_correlation_id(),
     }
 
 
@@ -95,9 +97,11 @@ class StreamPublisher:
         if not payloads:
             return 0
         key = self.stream_key(stream)
+        # One correlation id for the batch: the entries were produced by one poll or one consolidation.
+        cid = get_correlation_id() or new_correlation_id()
         async with self.redis.pipeline(transaction=False) as pipe:
             for payload in payloads:
-                pipe.xadd(key, encode(payload), maxlen=self.maxlen, approximate=True)
+                pipe.xadd(key, encode(payload, cid), maxlen=self.maxlen, approximate=True)
             await pipe.execute()
         return len(payloads)
 
@@ -215,17 +219,28 @@ class StreamConsumer:
                 StreamMessage(id=entry_id, fields=fields, deliveries=int(entry["times_delivered"])),
                 f"failed {entry['times_delivered']} deliveries",
             )
-        claimed = await self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, count=self.batch_size
+        # Claim exactly the entries checked above: XAUTOCLAIM would also take one that crossed the idle
+        # threshold a moment after XPENDING looked, one delivery past its budget. min_idle_time keeps a
+        # concurrent claimer's entries out.
+        budget = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending if p not in exhausted}
+        entries = (
+            await self.redis.xclaim(
+                self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, message_ids=list(budget)
+            )
+            if budget
+            else []
         )
-        entries = claimed[1] if claimed else []
         messages = [
-            StreamMessage(id=_s(entry_id), fields={_s(k): _s(v) for k, v in fields.items()}, deliveries=2)
+            StreamMessage(
+                id=_s(entry_id),
+                fields={_s(k): _s(v) for k, v in fields.items()},
+                deliveries=budget.get(_s(entry_id), 1) + 1,
+            )
             for entry_id, fields in entries
-            if fields is not None
+            if entry_id is not None and fields is not None
         ]
         # Entries trimmed away while pending come back as None: nothing is left to process, just ack.
-        gone = [_s(entry_id) for entry_id, fields in entries if fields is None]
+        gone = [_s(entry_id) for entry_id, fields in entries if entry_id is not None and fields is None]
         if gone:
             await self.redis.xack(self.stream, self.group, *gone)
         if messages:

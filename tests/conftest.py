@@ -178,9 +178,9 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: Any) -> AsyncIterator[str]:
+async def serve_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
     """Runs an ASGI app on a real uvicorn server on 127.0.0.1; yields its base URL."""
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -30,6 +30,7 @@ class ReplayServer:
         self.routes: dict[str, Reply] = {}
         self.faults: dict[str, list[Reply]] = {}
         self.requests: list[str] = []
+        self.queries: list[tuple[str, dict[str, str]]] = []
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -51,6 +52,7 @@ class ReplayServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         self.requests.append(path)
+        self.queries.append((path, dict(request.query)))
         queued = self.faults.get(path)
         reply = queued.pop(0) if queued else self.routes.get(path)
         if reply is None:

@@ -171,7 +171,7 @@ async def test_replaying_ticks_changes_nothing(pricing, db, redis, exchange_fixt
 
 
 def ecb_rates(fixtures: Path) -> tuple[date, dict[str, Decimal]]:
-    tree = ET.parse(fixtures / "ecb" / "eurofxref-daily_2025-05-09.xml")  # noqa: S314 - a recorded local file
+    tree = ET.parse(fixtures / "ecb" / "eurofxref-daily_2025-05-09.xml")
     day_cube = next(c for c in tree.iter() if c.get("time"))
     return date.fromisoformat(day_cube.get("time")), {c.get("currency"): Decimal(c.get("rate")) for c in day_cube}
 

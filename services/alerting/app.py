@@ -3,10 +3,32 @@ operations endpoints every service has, so the platform's shape is complete and 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
-from shared.service_app import build_service_app
+from services.alerting.email.consumers import EmailConsumer
+from services.alerting.email.service import EmailSender
+from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
+
+
+@asynccontextmanager
+async def email_channel(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
+    """The email sender and its stream consumer (welcome, password-reset and alert mails)."""
+    settings = resources.settings
+    app.state.email_sender = EmailSender(settings.smtp_url, settings.smtp_from)
+    stop = asyncio.Event()
+    task = asyncio.create_task(EmailConsumer(settings, resources.redis, app.state.email_sender).run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, timeout=5)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -16,4 +38,5 @@ def create_app(settings: Settings) -> FastAPI:
         title="Coinlytics alerting",
         description="Alerting: threshold alerts delivered by webhook, email, SMS and live push.",
         routers=[],
+        lifespan=email_channel,
     )

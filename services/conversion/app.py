@@ -1,19 +1,69 @@
-"""The conversion service's app. Its public endpoints arrive with their issue; today it serves the
-operations endpoints every service has, so the platform's shape is complete and supervised."""
+"""The conversion service's app: its lifespan owns the rate table, the prices-stream consumer and the
+scheduled jobs (ECB rates, rate snapshots)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
 from fastapi import FastAPI
 
-from shared.service_app import build_service_app
+from services.conversion.api import router
+from services.conversion.consumers import price_consumer
+from services.conversion.service import ConversionService
+from services.conversion.tasks import CRON_JOBS, FUNCTIONS, refresh_ecb_rates, startup_refresh_needed
+from shared.jobs import run_worker
+from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
+
+log = structlog.get_logger("conversion")
 
 
 def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
+        service = ConversionService(settings, sessions=resources.sessions, redis=resources.redis)
+        app.state.conversion = service
+        await service.rebuild()
+        consumer = price_consumer(resources.redis, settings, service)
+        app.state.price_consumer = consumer
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(consumer.run(stop), name="price-consumer")]
+        if "ecb" in settings.sources:
+            tasks.append(asyncio.create_task(_startup_ecb(settings, resources, service), name="ecb-startup"))
+        ctx = {"settings": settings, "sessions": resources.sessions, "redis": resources.redis, "service": service}
+        async with run_worker(settings, "conversion", functions=FUNCTIONS, cron_jobs=CRON_JOBS, ctx=ctx):
+            log.info("conversion_ready", ecb="ecb" in settings.sources)
+            try:
+                yield
+            finally:
+                stop.set()
+                for task in tasks[1:]:
+                    task.cancel()
+                _done, pending = await asyncio.wait(tasks, timeout=5)
+                for task in pending:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
     return build_service_app(
         "conversion",
         settings,
         title="Coinlytics conversion",
-        description="Conversion: crypto and fiat conversions, now and in the past.",
-        routers=[],
+        description="Conversions between any crypto and fiat currency, now and at any past moment.",
+        routers=[router],
+        lifespan=lifespan,
     )
+
+
+async def _startup_ecb(settings: Settings, resources: Resources, service: ConversionService) -> None:
+    """Runs the ECB job once at startup when stored rates are missing or stale, without delaying startup."""
+    try:
+        if await startup_refresh_needed(resources.sessions):
+            await refresh_ecb_rates(settings, resources.sessions, resources.redis, service)
+    except Exception as exc:  # a failed first fetch must not stop the service; the cron job retries
+        log.error("source_failed", source="ecb", kind="startup", reason=f"{type(exc).__name__}: {exc}")

@@ -8,9 +8,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.guard import resolve
 from services.gateway.schemas import StatusOut
 from services.gateway.service import Upstreams, not_routed, owning_service
+from shared.errors import Forbidden, Unauthorized, error_responses
 
 router = APIRouter()
 
@@ -29,8 +33,16 @@ def _upstreams(request: Request) -> Upstreams:
     return upstreams
 
 
-@router.get("/api/v1/status", response_model=StatusOut, tags=["operations"], summary="Platform status")
+@router.get(
+    "/api/v1/status",
+    response_model=StatusOut,
+    tags=["operations"],
+    summary="Platform status",
+    description="Each service's readiness and each source's health. Example: `curl /api/v1/status`.",
+    responses=error_responses(401, 429),
+)
 async def status(request: Request) -> StatusOut:
+    await resolve(request)
     upstreams = _upstreams(request)
     services = await upstreams.readiness()
     sources_doc = await upstreams.fetch_json("ingest", "/api/v1/admin/sources")
@@ -66,9 +78,69 @@ async def redoc() -> HTMLResponse:
     return get_redoc_html(openapi_url="/openapi.json", title="Coinlytics API reference")
 
 
-@router.api_route("/api/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+@router.get("/reset-password", include_in_schema=False)
+async def reset_password_page() -> HTMLResponse:
+    """Where the emailed reset link lands; the token stays in the URL fragment, so no server log sees it."""
+    return HTMLResponse(RESET_PAGE, headers={"Cache-Control": "no-store"})
+
+
+@router.api_route(
+    "/api/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False
+)
 async def forward(path: str, request: Request) -> Response:
+    allowed = _own_methods(request)
+    if allowed:
+        # One of the gateway's own paths, asked with another method.
+        raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
+    principal = await resolve(request)
+    if path == "admin" or path.startswith("admin/"):
+        # Deny by default: any admin path, routed or not, needs an administrator before anything else.
+        if principal.user_id is None:
+            raise Unauthorized("sign in as an administrator", headers={"WWW-Authenticate": "Bearer"})
+        if not principal.is_admin:
+            raise Forbidden("this route needs an administrator")
     service = owning_service(path)
     if service is None:
         raise not_routed(path)
-    return await _upstreams(request).forward(request, service)
+    return await _upstreams(request).forward(request, service, principal)
+
+
+def _own_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.state.own_routes:
+        if route.path_regex.match(request.url.path):
+            methods |= route.methods or set()
+    return methods
+
+
+def own_routes(*routers: APIRouter) -> list[APIRoute]:
+    """The gateway's own documented routes (not the forwarding catch-all), for 405 answers."""
+    return [
+        route
+        for r in routers
+        for route in r.routes
+        if isinstance(route, APIRoute) and route.path != "/api/v1/{path:path}"
+    ]
+
+
+RESET_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Reset your Coinlytics password</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: sans-serif; max-width: 28rem; margin: 3rem auto">
+<h1>Choose a new password</h1>
+<form id="f"><label>New password <input id="p" type="password" minlength="10" maxlength="256" required
+ autocomplete="new-password"></label> <button>Save</button></form>
+<p id="m" role="status"></p>
+<script>
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+history.replaceState(null, "", location.pathname);
+document.getElementById("f").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const r = await fetch("/api/v1/auth/password-reset/confirm", {method: "POST",
+    headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({token, new_password: document.getElementById("p").value})});
+  document.getElementById("m").textContent = r.status === 204
+    ? "Done: sign in with your new password." : (await r.json()).error.message;
+});
+</script></body></html>
+"""

@@ -1,4 +1,5 @@
-"""The gateway's app: its lifespan owns the connection pool to the internal services."""
+"""The gateway's app: its lifespan owns the connection pool to the internal services and the accounts
+service; its middleware is the platform's HTTP hardening (services/gateway/security.py)."""
 
 from __future__ import annotations
 
@@ -7,27 +8,43 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway.api import router
+from services.gateway import security
+from services.gateway.api import own_routes, router
+from services.gateway.auth.api import router as auth_router
+from services.gateway.auth.service import AuthService
+from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.service import Upstreams
+from shared.auth import Authenticator, Denylist, build_verifier
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
 
 def create_app(settings: Settings) -> FastAPI:
+    verifier = build_verifier(settings)  # configuration errors surface before the server starts
+
     @asynccontextmanager
     async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
+        denylist = Denylist(resources.redis, settings)
+        app.state.authenticator = Authenticator(verifier, denylist)
+        app.state.limiter = SlidingWindowLimiter(resources.redis, settings.key("ratelimit"))
+        app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
         app.state.upstreams = Upstreams(settings)
         try:
             yield
         finally:
+            await app.state.auth.close()
             await app.state.upstreams.close()
 
-    return build_service_app(
+    app = build_service_app(
         "gateway",
         settings,
         title="Coinlytics API",
         description="The public API of Coinlytics.",
-        routers=[router],
+        # Accounts first: the forwarding catch-all in `router` must not shadow them.
+        routers=[auth_router, router],
         lifespan=lifespan,
         serve_docs=False,
     )
+    app.state.own_routes = own_routes(auth_router, router)
+    security.install(app, settings)
+    return app

@@ -11,7 +11,8 @@ import httpx
 import structlog
 from fastapi import Request, Response
 
-from shared.errors import BadGateway, Forbidden, GatewayTimeout, NotFound
+from shared.auth import INTERNAL_HEADERS, Principal, sign_internal
+from shared.errors import BadGateway, GatewayTimeout, NotFound
 from shared.logging import CORRELATION_HEADER, get_correlation_id
 from shared.settings import Settings
 
@@ -38,6 +39,12 @@ HOP_BY_HOP = frozenset(
         "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
     }
 )  # fmt: skip
+# Set on every response by the gateway itself (its correlation-id middleware, its server): a service's are not
+# passed on, or the client would get each twice.
+OWN_RESPONSE_HEADERS = frozenset({CORRELATION_HEADER, "date", "server"})
+# Never passed on: the token stays at the door, and identity travels only in the gateway's signature.
+STRIPPED = HOP_BY_HOP | {"authorization", "cookie", *INTERNAL_HEADERS}
+GATEWAY_PRINCIPAL = Principal(user_id="gateway", role="service")
 SPEC_TTL_SECONDS = 30.0
 
 
@@ -67,12 +74,14 @@ class Upstreams:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def forward(self, request: Request, service: str) -> Response:
-        if request.url.path.startswith("/api/v1/admin/"):
-            # Deny by default until admin accounts exist (accounts and roles come with the auth work).
-            raise Forbidden("admin routes need an administrator account")
-        url = self.settings.service_url(service) + request.url.path
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    async def forward(self, request: Request, service: str, principal: Principal) -> Response:
+        """Passes the request on with the caller's identity in a signed credential instead of its token."""
+        path = request.url.path
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED}
+        headers.update(sign_internal(self.settings.hmac_key_bytes(), request.method, path, principal))
+        # The path as the client encoded it: a decoded "%3F" or "%23" would otherwise change the URL's meaning.
+        raw_path = request.scope.get("raw_path") or path.encode()
+        url = self.settings.service_url(service) + raw_path.decode("latin-1")
         headers[CORRELATION_HEADER] = get_correlation_id() or ""
         client_host = request.client.host if request.client else ""
         prior = request.headers.get("x-forwarded-for")
@@ -90,12 +99,15 @@ class Upstreams:
         except httpx.TransportError as exc:
             log.warning("upstream_unreachable", service=service, path=request.url.path, error=str(exc))
             raise BadGateway(f"the {service} service is unavailable", details={"service": service}) from None
-        passed = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        passed = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | OWN_RESPONSE_HEADERS}
         return Response(content=upstream.content, status_code=upstream.status_code, headers=passed)
 
     async def fetch_json(self, service: str, path: str, wait_seconds: float = 3.0) -> dict[str, Any] | None:
+        headers = sign_internal(self.settings.hmac_key_bytes(), "GET", path, GATEWAY_PRINCIPAL)
         try:
-            response = await self.client.get(self.settings.service_url(service) + path, timeout=wait_seconds)
+            response = await self.client.get(
+                self.settings.service_url(service) + path, headers=headers, timeout=wait_seconds
+            )
             data = response.json()
         except (httpx.HTTPError, ValueError):
             return None
@@ -143,14 +155,39 @@ def merge_specs(own: dict[str, Any], services: dict[str, dict[str, Any] | None])
         if spec is None:
             missing.append(service)
             continue
+        own_schemas: dict[str, Any] = spec.get("components", {}).get("schemas", {})
+        # Two services may both name a model e.g. "SourcesOut": the later one is renamed, refs included.
+        renames = {
+            name: f"{service}_{name}"
+            for name, schema in own_schemas.items()
+            if name in schemas and schemas[name] != schema
+        }
+        spec = _rename_refs(spec, renames) if renames else spec
         for path, item in spec.get("paths", {}).items():
             if path.startswith("/api/v1/") and owning_service(path.removeprefix("/api/v1/")) == service:
                 paths[path] = item
         for name, schema in spec.get("components", {}).get("schemas", {}).items():
-            schemas.setdefault(name, schema)
+            schemas.setdefault(renames.get(name, name), schema)
+        for name, scheme in spec.get("components", {}).get("securitySchemes", {}).items():
+            merged["components"].setdefault("securitySchemes", {}).setdefault(name, scheme)
     if missing:
         merged.setdefault("info", {})["x-unavailable-services"] = missing
     return merged
+
+
+def _rename_refs(node: Any, renames: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/components/schemas/"):
+                name = value.removeprefix("#/components/schemas/")
+                out[key] = "#/components/schemas/" + renames.get(name, name)
+            else:
+                out[key] = _rename_refs(value, renames)
+        return out
+    if isinstance(node, list):
+        return [_rename_refs(item, renames) for item in node]
+    return node
 
 
 def not_routed(path: str) -> NotFound:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.models import ErrorLog
+from shared.models import Coin, ErrorLog
 
 
 async def record_error(
@@ -31,3 +33,18 @@ async def list_errors(
     rows = list((await session.scalars(query)).all())
     count_rows = (await session.execute(counts)).all()
     return rows, {row[0]: int(row[1]) for row in count_rows}
+
+
+async def seed_coins(session: AsyncSession, symbols: Iterable[str]) -> None:
+    """Insert the configured coins that are not there yet; rows that exist (active or not) stay untouched."""
+    rows = [{"symbol": symbol} for symbol in dict.fromkeys(symbols)]
+    if rows:
+        await session.execute(insert(Coin).values(rows).on_conflict_do_nothing(index_elements=[Coin.symbol]))
+
+
+async def active_coins(session: AsyncSession) -> list[str]:
+    """The coins ingest quotes, oldest first so a source's symbol order stays stable as coins are added."""
+    result = await session.scalars(
+        select(Coin.symbol).where(Coin.active.is_(True)).order_by(Coin.added_at, Coin.symbol)
+    )
+    return list(result.all())

@@ -19,6 +19,7 @@ class SourceHealthOut(BaseModel):
     backoff_seconds: float = 0
     messages_total: int = 0
     rejected_total: int = 0
+    reconnects: int = Field(default=0, description="websocket sources: times the socket came back after dropping")
     messages_per_second: float = 0
     errors: dict[str, int] = Field(default_factory=dict, examples=[{"timeout": 2}])
 

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ingest import repository
 from services.ingest.adapters import Source, SourceError, build_source
+from services.ingest.websocket import WebsocketRunner, build_ws_source
 from shared.db import transaction
 from shared.settings import Settings
 from shared.streams import TICKS_STREAM, StreamPublisher
@@ -23,8 +24,10 @@ from shared.streams import TICKS_STREAM, StreamPublisher
 log = structlog.get_logger("ingest")
 
 # Sources named in COINLYTICS_SOURCES that are not exchanges polled for tickers here.
-NON_EXCHANGE_SOURCES = {"coingecko": "market caps (scheduled job)", "ecb": "fiat reference rates (scheduled job)"}
+NON_EXCHANGE_SOURCES = {"coingecko": "market caps (scheduled job)", "ecb": "fiat reference rates (conversion job)"}
 MAX_BACKOFF_SECONDS = 300.0
+# HTTP 418 is an IP ban (Binance: 2 minutes to 3 days); without a Retry-After, wait at least this long.
+BAN_BACKOFF_SECONDS = 120.0
 
 
 @dataclass
@@ -39,6 +42,8 @@ class SourceHealth:
     backoff_seconds: float = 0.0
     messages_total: int = 0
     rejected_total: int = 0
+    # Websocket sources: how often the socket came back after dropping.
+    reconnects: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     rate_window: list[tuple[float, int]] = field(default_factory=list)
 
@@ -62,6 +67,7 @@ class SourceHealth:
             "backoff_seconds": f"{self.backoff_seconds:.1f}",
             "messages_total": str(self.messages_total),
             "rejected_total": str(self.rejected_total),
+            "reconnects": str(self.reconnects),
             "messages_per_second": str(self.messages_per_second()),
             "errors": ",".join(f"{k}={v}" for k, v in sorted(self.errors.items())),
         }
@@ -89,6 +95,7 @@ def parse_health(raw: dict[bytes, bytes] | dict[str, str]) -> dict[str, Any]:
         "backoff_seconds": float(data.get("backoff_seconds") or 0),
         "messages_total": int(data.get("messages_total") or 0),
         "rejected_total": int(data.get("rejected_total") or 0),
+        "reconnects": int(data.get("reconnects") or 0),
         "messages_per_second": float(data.get("messages_per_second") or 0),
         "errors": errors,
     }
@@ -114,6 +121,14 @@ class SourceRunner:
         self.health = SourceHealth(name=source.name, kind=source.kind)
         self.opened = False
         self.failures = 0
+        # The tracked coins this source quotes; IngestService follows the coins table and updates them.
+        self.coins: list[str] = list(settings.coins)
+
+    def set_coins(self, coins: list[str]) -> None:
+        """Track a new coin list: the source is re-opened (symbols re-selected) before its next poll."""
+        if coins != self.coins:
+            self.coins = list(coins)
+            self.opened = False
 
     @property
     def interval(self) -> float:
@@ -133,9 +148,17 @@ class SourceRunner:
         """One poll (opening the source first if needed); returns how long to wait before the next."""
         try:
             if not self.opened:
-                await self.source.open(self.settings.coins)
-                self.opened = True
-                log.info("source_opened", source=self.source.name, kind=self.source.kind)
+                coins = self.coins
+                await self.source.open(coins)
+                # A coin change while opening means this open is already out of date: open again next time.
+                self.opened = coins == self.coins
+                log.info(
+                    "source_opened",
+                    source=self.source.name,
+                    kind=self.source.kind,
+                    coins=self.coins,
+                    symbols=getattr(self.source, "symbols", None),
+                )
             ticks, rejected = await self.source.poll()
         except SourceError as exc:
             return await self._failed(exc.kind, str(exc), exc.retry_after)
@@ -144,11 +167,15 @@ class SourceRunner:
             return await self._failed("unexpected", f"{type(exc).__name__}: {exc}", None)
         if ticks:
             await self.publisher.publish_many(TICKS_STREAM, [t.to_stream() for t in ticks])
+        by_kind: dict[str, list[Any]] = {}
         for item in rejected:
-            log.warning("quote_rejected", source=self.source.name, pair=item.pair, reason=item.reason)
-        if rejected:
-            await self._record_error("rejected_quote", f"{len(rejected)} quote(s) rejected: "
-                                     + "; ".join(f"{r.pair}: {r.reason}" for r in rejected[:5]))  # fmt: skip
+            kind = getattr(item, "kind", "rejected_quote")
+            log.warning("quote_rejected", source=self.source.name, pair=item.pair, kind=kind, reason=item.reason)
+            by_kind.setdefault(kind, []).append(item)
+        for kind, items in by_kind.items():
+            self.health.errors[kind] = self.health.errors.get(kind, 0) + len(items)
+            await self._record_error(kind, f"{len(items)} quote(s) rejected: "
+                                     + "; ".join(f"{r.pair}: {r.reason}" for r in items[:5]))  # fmt: skip
         now = datetime.now(UTC).isoformat()
         self.failures = 0
         self.health.state = "connected"
@@ -165,9 +192,11 @@ class SourceRunner:
         # Capped exponential backoff with full jitter; an exchange's Retry-After is a floor.
         ceiling = min(MAX_BACKOFF_SECONDS, self.interval * (2 ** min(self.failures, 10)))
         delay = random.uniform(self.interval, max(self.interval, ceiling))
+        if kind == "banned":
+            delay = max(delay, random.uniform(BAN_BACKOFF_SECONDS, 2 * BAN_BACKOFF_SECONDS))
         if retry_after is not None:
             delay = max(delay, retry_after)
-        self.health.state = "rate_limited" if kind == "rate_limited" else "down"
+        self.health.state = {"rate_limited": "rate_limited", "banned": "banned"}.get(kind, "down")
         self.health.backoff_seconds = delay
         self.health.errors[kind] = self.health.errors.get(kind, 0) + 1
         self.health.last_error = message
@@ -208,15 +237,32 @@ class IngestService:
         self.redis = redis
         self.publisher = publisher
         self.sessions = sessions
-        self.runners: list[SourceRunner] = []
+        self.runners: list[SourceRunner | WebsocketRunner] = []
         self.skipped: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.coins: list[str] = list(settings.coins)
 
     def build_runners(self) -> None:
         for name in self.settings.sources:
             if name in NON_EXCHANGE_SOURCES:
-                self.skipped[name] = f"not polled by ingest: {NON_EXCHANGE_SOURCES[name]}; not implemented yet"
+                if name not in ("coingecko", "ecb"):  # their jobs (ingest/coingecko, conversion) report own health
+                    self.skipped[name] = f"not polled by ingest: {NON_EXCHANGE_SOURCES[name]}; not implemented yet"
+                continue
+            ws_source = build_ws_source(self.settings, name)
+            if ws_source is not None:
+                # Websocket first; the runner polls REST itself while the socket is down.
+                self.runners.append(
+                    WebsocketRunner(
+                        ws_source,
+                        settings=self.settings,
+                        redis=self.redis,
+                        publisher=self.publisher,
+                        sessions=self.sessions,
+                        health=SourceHealth(name=name, kind=ws_source.kind),
+                        health_key=health_key(self.settings, name),
+                    )
+                )
                 continue
             try:
                 source = build_source(
@@ -242,6 +288,10 @@ class IngestService:
 
     async def start(self) -> None:
         self.build_runners()
+        await self._seed_coins()
+        self.coins = await self._active_coins() or self.coins
+        for runner in self.runners:
+            runner.set_coins(self.coins)
         for name, reason in self.skipped.items():
             await self.redis.hset(
                 health_key(self.settings, name),
@@ -257,6 +307,41 @@ class IngestService:
             log.warning("sim_source_enabled", note="prices come from the offline simulator, not markets")
         self._tasks = [asyncio.create_task(r.run(self._stop), name=f"source:{r.source.name}")
                        for r in self.runners]  # fmt: skip
+        self._tasks.append(asyncio.create_task(self._follow_coins(), name="ingest:coins"))
+
+    async def _seed_coins(self) -> None:
+        # Pricing seeds too; doing it here as well lets ingest run alone. Existing rows (and their
+        # active flag, which admins own) are left as they are.
+        try:
+            async with transaction(self.sessions) as session:
+                await repository.seed_coins(session, self.settings.coins)
+        except Exception as exc:
+            log.warning("coins_not_seeded", error=str(exc))
+
+    async def _active_coins(self) -> list[str] | None:
+        try:
+            async with transaction(self.sessions) as session:
+                return await repository.active_coins(session)
+        except Exception as exc:
+            log.warning("coins_not_read", error=str(exc))
+            return None
+
+    async def _follow_coins(self) -> None:
+        """Re-reads the tracked coins every ``coins_refresh_seconds``; sources re-select their symbols on change."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.settings.coins_refresh_seconds)
+            if self._stop.is_set():
+                return
+            coins = await self._active_coins()
+            if coins is None or coins == self.coins:
+                continue
+            added = [c for c in coins if c not in self.coins]
+            removed = [c for c in self.coins if c not in coins]
+            log.info("tracked_coins_changed", added=added, removed=removed, coins=coins)
+            self.coins = coins
+            for runner in self.runners:
+                runner.set_coins(coins)
 
     async def stop(self) -> None:
         self._stop.set()

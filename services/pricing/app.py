@@ -12,9 +12,14 @@ from fastapi import FastAPI
 
 from services.pricing import repository
 from services.pricing.api import router
+from services.pricing.coins.api import admin_router as coins_admin_router
+from services.pricing.coins.api import router as coins_router
 from services.pricing.consumers import tick_consumer
+from services.pricing.history import tasks as history_tasks
+from services.pricing.history.api import router as history_router
 from services.pricing.service import PriceCache, PricingService
 from shared.db import transaction
+from shared.jobs import run_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -57,7 +62,13 @@ def create_app(settings: Settings) -> FastAPI:
         refresher = asyncio.create_task(refresh_loop(service, resources, stop), name="freshness-refresh")
         log.info("pricing_ready", coins=settings.coins, min_fresh_sources=settings.min_fresh_sources)
         try:
-            yield
+            async with run_worker(
+                settings,
+                "pricing",
+                cron_jobs=history_tasks.cron_jobs(),
+                ctx=history_tasks.job_context(settings, resources.sessions),
+            ):
+                yield
         finally:
             stop.set()
             for running in (task, refresher):
@@ -71,6 +82,6 @@ def create_app(settings: Settings) -> FastAPI:
         settings,
         title="Coinlytics pricing",
         description="Consolidated prices from many sources.",
-        routers=[router],
+        routers=[router, coins_router, coins_admin_router, history_router],
         lifespan=lifespan,
     )

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.pricing import repository
 from services.pricing.consolidation import USD_STABLECOINS, consolidate_all, price_payload
+from services.pricing.history.service import record_consolidated
 from shared.db import transaction
 from shared.hmac_sign import pack_signed, unpack_signed
 from shared.messages import TickMessage
@@ -119,6 +120,7 @@ class PricingService:
         statuses = {(q.source, q.base, q.quote): q.status for c in results for q in c.quotes}
         await repository.set_quote_statuses(session, statuses)
         await repository.upsert_prices(session, [c.row() for c in results])
+        await record_consolidated(session, results)  # 1-minute candles, in the same transaction
         return [c.payload() for c in results]
 
     async def _fiat_rates(self, session: AsyncSession) -> dict[str, Decimal]:

@@ -1,0 +1,179 @@
+"""All SQL of the conversion service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import Candle, Coin, ErrorLog, FiatRate, Price, RateSnapshot, SourceQuote
+
+INSERT_CHUNK = 2000  # 5 columns a row keeps far inside asyncpg's 32,767 bind parameters
+
+
+async def upsert_fiat_rates(session: AsyncSession, days: dict[date, dict[str, Decimal]], fetched_at: datetime) -> int:
+    rows = [
+        {"currency": currency, "day": day, "per_eur": rate, "source": "ecb", "fetched_at": fetched_at}
+        for day, rates in days.items()
+        for currency, rate in rates.items()
+    ]
+    for start in range(0, len(rows), INSERT_CHUNK):
+        stmt = insert(FiatRate).values(rows[start : start + INSERT_CHUNK])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[FiatRate.currency, FiatRate.day],
+            set_={"per_eur": stmt.excluded.per_eur, "fetched_at": stmt.excluded.fetched_at},
+        )
+        await session.execute(stmt)
+    return len(rows)
+
+
+@dataclass
+class FiatState:
+    latest_day: date | None
+    fetched_at: datetime | None
+    days_in_last_90: int
+
+
+async def fiat_state(session: AsyncSession) -> FiatState:
+    latest_day, fetched_at = (
+        await session.execute(select(func.max(FiatRate.day), func.max(FiatRate.fetched_at)))
+    ).one()
+    days = 0
+    if latest_day is not None:
+        days = (
+            await session.scalar(
+                select(func.count(func.distinct(FiatRate.day))).where(FiatRate.day > latest_day - timedelta(days=90))
+            )
+            or 0
+        )
+    return FiatState(latest_day=latest_day, fetched_at=fetched_at, days_in_last_90=days)
+
+
+async def latest_fiat(session: AsyncSession) -> tuple[date | None, datetime | None, dict[str, Decimal]]:
+    """The rates of the latest published day (currencies the ECB has since dropped are not current)."""
+    state = await fiat_state(session)
+    if state.latest_day is None:
+        return None, None, {}
+    result = await session.execute(select(FiatRate.currency, FiatRate.per_eur).where(FiatRate.day == state.latest_day))
+    return state.latest_day, state.fetched_at, {row[0]: row[1] for row in result.all()}
+
+
+async def fiat_on_or_before(session: AsyncSession, day: date, earliest: date) -> dict[str, tuple[date, Decimal]]:
+    """Per currency, its rate of the last published day in ``[earliest, day]``."""
+    result = await session.execute(
+        select(FiatRate.currency, FiatRate.day, FiatRate.per_eur)
+        .where(FiatRate.day <= day, FiatRate.day >= earliest)
+        .distinct(FiatRate.currency)
+        .order_by(FiatRate.currency, FiatRate.day.desc())
+    )
+    return {row[0]: (row[1], row[2]) for row in result.all()}
+
+
+async def fiat_first_day(session: AsyncSession, currency: str | None = None) -> date | None:
+    query = select(func.min(FiatRate.day))
+    if currency is not None:
+        query = query.where(FiatRate.currency == currency)
+    value: date | None = await session.scalar(query)
+    return value
+
+
+async def fiat_currencies(session: AsyncSession) -> set[str]:
+    result = await session.scalars(select(FiatRate.currency).distinct())
+    return set(result.all())
+
+
+async def all_prices(session: AsyncSession) -> list[Price]:
+    result = await session.scalars(select(Price))
+    return list(result.all())
+
+
+async def stablecoin_quotes(session: AsyncSession, stablecoins: Iterable[str]) -> list[SourceQuote]:
+    result = await session.scalars(select(SourceQuote).where(SourceQuote.quote.in_(list(stablecoins))))
+    return list(result.all())
+
+
+async def tracked_coins(session: AsyncSession) -> set[str]:
+    result = await session.scalars(select(Coin.symbol).where(Coin.active.is_(True)))
+    return set(result.all())
+
+
+# One index probe per (coin, currency, interval): the candle with the latest start at or before the moment.
+CANDLES_AT_SQL = text(
+    """
+    SELECT k.base, k.vs, k.interval, c.t, c.close, c.volume
+    FROM unnest(CAST(:bases AS text[]), CAST(:vss AS text[]), CAST(:intervals AS text[])) AS k(base, vs, interval)
+    CROSS JOIN LATERAL (
+        SELECT t, close, volume FROM candles
+        WHERE candles.base = k.base AND candles.vs = k.vs AND candles.interval = k.interval
+          AND candles.t <= :at AND candles.t >= :earliest
+        ORDER BY candles.t DESC LIMIT 1
+    ) AS c
+    """
+)
+
+
+async def candles_at(
+    session: AsyncSession, keys: Sequence[tuple[str, str, str]], at: datetime, earliest: datetime
+) -> list[dict[str, Any]]:
+    if not keys:
+        return []
+    result = await session.execute(
+        CANDLES_AT_SQL,
+        {
+            "bases": [k[0] for k in keys],
+            "vss": [k[1] for k in keys],
+            "intervals": [k[2] for k in keys],
+            "at": at,
+            "earliest": earliest,
+        },
+    )
+    return [dict(row._mapping) for row in result.all()]
+
+
+async def candle_currencies(session: AsyncSession, bases: Iterable[str]) -> set[tuple[str, str]]:
+    """The (coin, currency) pairs priced now; their candles are the ones worth probing."""
+    wanted = list(bases)
+    result = await session.execute(select(Price.base, Price.vs).where(Price.base.in_(wanted)))
+    return {(row[0], row[1]) for row in result.all()}
+
+
+async def with_candles(session: AsyncSession, symbols: Iterable[str]) -> set[str]:
+    found = set()
+    for symbol in symbols:
+        if await session.scalar(select(Candle.base).where(Candle.base == symbol).limit(1)) is not None:
+            found.add(symbol)
+    return found
+
+
+async def first_candle(session: AsyncSession, base: str) -> datetime | None:
+    value: datetime | None = await session.scalar(select(func.min(Candle.t)).where(Candle.base == base))
+    return value
+
+
+async def insert_snapshot(session: AsyncSession, taken_at: datetime, base: str, rates: dict[str, Any]) -> int:
+    snapshot = RateSnapshot(taken_at=taken_at, base=base, rates=rates)
+    session.add(snapshot)
+    await session.flush()
+    return snapshot.id
+
+
+async def snapshot_at(session: AsyncSession, at: datetime, window: timedelta) -> RateSnapshot | None:
+    result = await session.scalars(
+        select(RateSnapshot)
+        .where(RateSnapshot.taken_at <= at, RateSnapshot.taken_at >= at - window)
+        .order_by(RateSnapshot.taken_at.desc())
+        .limit(1)
+    )
+    return result.first()
+
+
+async def record_error(
+    session: AsyncSession, *, source: str, kind: str, message: str, details: dict[str, Any] | None = None
+) -> None:
+    session.add(ErrorLog(source=source, kind=kind, message=message[:4000], details=details))

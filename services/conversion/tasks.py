@@ -1,0 +1,151 @@
+"""Scheduled jobs of the conversion service (arq, run in its lifespan): the ECB reference rates and the
+periodic rate snapshot. Both are idempotent, so a retry or a repeated cron run changes nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+from arq.cron import cron
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.conversion import repository
+from services.conversion.ecb import DAILY_FILE, DEFAULT_ECB_URL, HISTORY_FILE, EcbError, EcbRates, fetch
+from services.conversion.service import ConversionService
+from shared.db import transaction
+from shared.settings import Settings
+
+log = structlog.get_logger("conversion")
+
+SOURCE = "ecb"
+# Rates are stale for startup purposes when the newest stored day is older than this (a long weekend
+# plus a holiday is 4 days; the job then runs at once instead of waiting for the next cron slot).
+STARTUP_STALE_AFTER = timedelta(days=3)
+HISTORY_MIN_DAYS = 30  # fewer stored working days in the last 90 means the history file is fetched too
+
+
+def ecb_url(settings: Settings) -> str:
+    return settings.source_url(SOURCE, "rest") or DEFAULT_ECB_URL
+
+
+async def write_health(redis: Redis, settings: Settings, *, ok: bool, stored: int = 0, rejected: int = 0,
+                       kind: str = "", message: str = "") -> None:  # fmt: skip
+    """The source-health hash ingest keeps for exchanges, with the same fields, for /api/v1/admin/sources."""
+    key = settings.key("source", SOURCE)
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    current = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in (await redis.hgetall(key)).items()
+    }
+    errors: dict[str, int] = {}
+    for part in filter(None, current.get("errors", "").split(",")):
+        name, _, count = part.partition("=")
+        errors[name] = int(count) if count.isdigit() else 0
+    fields = {
+        "name": SOURCE,
+        "kind": "rest",
+        "state": "connected" if ok else "error",
+        "last_message_at": now if ok else current.get("last_message_at", ""),
+        "last_error": current.get("last_error", "") if ok else message[:500],
+        "last_error_kind": current.get("last_error_kind", "") if ok else kind,
+        "last_error_at": current.get("last_error_at", "") if ok else now,
+        "backoff_seconds": "0.0",
+        "messages_total": str(int(current.get("messages_total") or 0) + stored),
+        "rejected_total": str(int(current.get("rejected_total") or 0) + rejected),
+        "messages_per_second": "0.0",
+    }
+    if not ok:
+        errors[kind] = errors.get(kind, 0) + 1
+    fields["errors"] = ",".join(f"{k}={v}" for k, v in sorted(errors.items()))
+    await redis.hset(key, mapping=fields)
+
+
+async def refresh_ecb_rates(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    redis: Redis,
+    service: ConversionService,
+    *,
+    force_history: bool = False,
+) -> dict[str, Any]:
+    """Fetches the daily file (and the 90-day file when history is missing), stores every rate, and puts
+    the latest day into the cached rate table. Failures are logged, stored and reported in source health;
+    stored rates stay in use."""
+    if SOURCE not in settings.sources:
+        return {"skipped": "ecb is not in COINLYTICS_SOURCES"}
+    base = ecb_url(settings)
+    fetched_at = datetime.now(UTC)
+    try:
+        async with httpx.AsyncClient(timeout=settings.source_timeout_seconds, follow_redirects=True) as client:
+            got = await fetch(client, base, DAILY_FILE)
+            async with transaction(sessions) as session:
+                state = await repository.fiat_state(session)
+            if force_history or state.days_in_last_90 < HISTORY_MIN_DAYS:
+                history = await fetch(client, base, HISTORY_FILE)
+                got = merge(history, got)
+    except EcbError as exc:
+        await _failed(settings, sessions, redis, exc.kind, str(exc))
+        return {"error": exc.kind, "message": str(exc)}
+    async with transaction(sessions) as session:
+        stored = await repository.upsert_fiat_rates(session, got.days, fetched_at)
+        day, confirmed_at, latest = await repository.latest_fiat(session)
+    # After commit: the cache never shows rates the database does not hold.
+    if day is not None:
+        await service.set_fiat(day, confirmed_at or fetched_at, latest)
+    await write_health(redis, settings, ok=True, stored=stored, rejected=got.rejected)
+    log.info("ecb_rates_stored", source=SOURCE, rates=stored, days=len(got.days), latest_day=str(day),
+             rejected=got.rejected)  # fmt: skip
+    return {"stored": stored, "days": len(got.days), "latest_day": str(day), "rejected": got.rejected}
+
+
+def merge(older: EcbRates, newer: EcbRates) -> EcbRates:
+    days = dict(older.days)
+    days.update(newer.days)
+    return EcbRates(days=days, rejected=older.rejected + newer.rejected)
+
+
+async def _failed(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: Redis, kind: str, message: str
+) -> None:
+    log.error("source_failed", source=SOURCE, kind=kind, reason=message)
+    try:
+        async with transaction(sessions) as session:
+            await repository.record_error(session, source=SOURCE, kind=kind, message=message)
+    except Exception as exc:  # the error log is best effort; the health hash below still says what happened
+        log.warning("error_log_unavailable", source=SOURCE, error=str(exc))
+    await write_health(redis, settings, ok=False, kind=kind, message=message)
+
+
+async def startup_refresh_needed(sessions: async_sessionmaker[AsyncSession]) -> bool:
+    async with transaction(sessions) as session:
+        state = await repository.fiat_state(session)
+    if state.latest_day is None or state.fetched_at is None:
+        return True
+    return datetime.now(UTC) - state.fetched_at > STARTUP_STALE_AFTER
+
+
+# --- arq entry points: ctx holds the service's objects (see app.py) ---------------------------------
+
+
+async def ecb_job(ctx: dict[str, Any]) -> dict[str, Any]:
+    return await refresh_ecb_rates(ctx["settings"], ctx["sessions"], ctx["redis"], ctx["service"])
+
+
+async def snapshot_job(ctx: dict[str, Any]) -> dict[str, Any]:
+    service: ConversionService = ctx["service"]
+    # The periodic rebuild also picks up coins added by admins and anything a lost event left behind.
+    await service.rebuild()
+    snapshot_id = await service.take_snapshot(reason="periodic")
+    return {"snapshot_id": snapshot_id}
+
+
+# ECB publishes around 16:00 CET on working days; hourly runs pick it up within the hour and retry a
+# failed fetch, at one 1.6 KB request an hour.
+CRON_JOBS = [
+    cron(ecb_job, minute={7}, run_at_startup=False, unique=True, timeout=120),
+    cron(snapshot_job, minute={0, 15, 30, 45}, run_at_startup=False, unique=True, timeout=120),
+]
+FUNCTIONS = [ecb_job, snapshot_job]

@@ -1,0 +1,1 @@
+"""Accounts: registration, sign-in, token rotation, password reset, profiles, activity and admin of users."""

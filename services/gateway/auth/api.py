@@ -1,0 +1,236 @@
+"""Routes of accounts: /api/v1/auth/*, /api/v1/users/me*, /api/v1/admin/users*."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.security import OAuth2PasswordRequestForm
+
+from services.gateway.auth.schemas import (
+    AcceptedOut,
+    ActivityListOut,
+    ActivityOut,
+    AdminUserPatch,
+    PasswordResetConfirmIn,
+    PasswordResetIn,
+    RefreshIn,
+    RegisterIn,
+    TokenOut,
+    UserOut,
+    UserPatch,
+    UsersOut,
+    normalise_email,
+)
+from services.gateway.auth.service import INVALID_LOGIN, RESET_ACCEPTED, AuthService
+from services.gateway.guard import client_address, guard_anonymous, require_admin_principal, require_principal
+from shared.auth import Principal
+from shared.errors import Unauthorized, error_responses
+
+router = APIRouter()
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def _auth(request: Request) -> AuthService:
+    service: AuthService = request.app.state.auth
+    return service
+
+
+def _user_out(user: object) -> UserOut:
+    return UserOut.model_validate(user, from_attributes=True)
+
+
+@router.post(
+    "/api/v1/auth/register",
+    status_code=201,
+    response_model=UserOut,
+    tags=["auth"],
+    summary="Create an account",
+    description='Creates a user and sends a welcome email. Example body: `{"email": "ada@example.com", '
+    '"password": "correct horse battery staple"}` (10 to 256 characters).',
+    responses=error_responses(409, 422, 429),
+    dependencies=[Depends(guard_anonymous)],
+)
+async def register(body: RegisterIn, request: Request) -> UserOut:
+    user = await _auth(request).register(body.email, body.password, client_address(request))
+    return _user_out(user)
+
+
+@router.post(
+    "/api/v1/auth/login",
+    response_model=TokenOut,
+    tags=["auth"],
+    summary="Sign in (OAuth2 password form)",
+    description="Form fields `username` (the email address) and `password`; answers an access token "
+    "(minutes) and a refresh token. Example: `curl -d username=ada@example.com -d password=... "
+    "/api/v1/auth/login`. A wrong password and an unknown address get the same 401.",
+    responses=error_responses(401, 422, 429),
+    dependencies=[Depends(guard_anonymous)],
+)
+async def login(request: Request, response: Response, form: OAuth2PasswordRequestForm = Depends()) -> TokenOut:
+    try:
+        email = normalise_email(form.username)
+    except ValueError:
+        # Same answer as a wrong password: the form's shape says nothing about accounts.
+        raise Unauthorized(INVALID_LOGIN, headers={"WWW-Authenticate": "Bearer"}) from None
+    tokens = await _auth(request).login(email, form.password, client_address(request))
+    response.headers.update(NO_STORE)
+    return tokens
+
+
+@router.post(
+    "/api/v1/auth/refresh",
+    response_model=TokenOut,
+    tags=["auth"],
+    summary="Exchange a refresh token for a new pair",
+    description='Example body: `{"refresh_token": "eyJ..."}`. The presented token is spent; presenting it '
+    "again revokes every token of that sign-in.",
+    responses=error_responses(401, 422, 429),
+    dependencies=[Depends(guard_anonymous)],
+)
+async def refresh(body: RefreshIn, request: Request, response: Response) -> TokenOut:
+    tokens = await _auth(request).refresh(body.refresh_token, client_address(request))
+    response.headers.update(NO_STORE)
+    return tokens
+
+
+@router.post(
+    "/api/v1/auth/logout",
+    status_code=204,
+    tags=["auth"],
+    summary="Sign out",
+    description="Revokes the presented access token (everywhere, at once) and its refresh tokens. "
+    "Example: `curl -X POST -H 'Authorization: Bearer eyJ...' /api/v1/auth/logout`.",
+    responses=error_responses(401, 429),
+)
+async def logout(request: Request, principal: Principal = Depends(require_principal)) -> Response:
+    await _auth(request).logout(principal, client_address(request))
+    return Response(status_code=204)
+
+
+@router.post(
+    "/api/v1/auth/password-reset",
+    status_code=202,
+    response_model=AcceptedOut,
+    tags=["auth"],
+    summary="Ask for a password reset link by email",
+    description='Example body: `{"email": "ada@example.com"}`. Always 202, whether or not the address '
+    "has an account; the link works once, for 30 minutes.",
+    responses=error_responses(422, 429),
+    dependencies=[Depends(guard_anonymous)],
+)
+async def password_reset(body: PasswordResetIn, request: Request) -> AcceptedOut:
+    service = _auth(request)
+    user_id = await service.find_resettable(body.email)
+    if user_id is not None:
+        service.start_reset(user_id, client_address(request))
+    return AcceptedOut(message=RESET_ACCEPTED)
+
+
+@router.post(
+    "/api/v1/auth/password-reset/confirm",
+    status_code=204,
+    tags=["auth"],
+    summary="Set a new password with the emailed token",
+    description='Example body: `{"token": "<from the link>", "new_password": "..."}`. Signs the account '
+    "out everywhere.",
+    responses=error_responses(400, 422, 429),
+    dependencies=[Depends(guard_anonymous)],
+)
+async def password_reset_confirm(body: PasswordResetConfirmIn, request: Request) -> Response:
+    await _auth(request).confirm_reset(body.token, body.new_password, client_address(request))
+    return Response(status_code=204)
+
+
+@router.get(
+    "/api/v1/users/me",
+    response_model=UserOut,
+    tags=["users"],
+    summary="Your profile and preferences",
+    description="Example: `curl -H 'Authorization: Bearer eyJ...' /api/v1/users/me`.",
+    responses=error_responses(401, 429),
+)
+async def get_me(request: Request, principal: Principal = Depends(require_principal)) -> UserOut:
+    return _user_out(await _auth(request).me(_own_id(principal)))
+
+
+@router.patch(
+    "/api/v1/users/me",
+    response_model=UserOut,
+    tags=["users"],
+    summary="Change your preferences",
+    description='Example body: `{"vs_currency": "EUR", "watchlist": ["BTC", "ETH"]}`. Other fields '
+    "(role, email, ...) are refused with 422.",
+    responses=error_responses(401, 422, 429),
+)
+async def patch_me(body: UserPatch, request: Request, principal: Principal = Depends(require_principal)) -> UserOut:
+    return _user_out(await _auth(request).update_me(_own_id(principal), body, client_address(request)))
+
+
+@router.get(
+    "/api/v1/users/me/activity",
+    response_model=ActivityListOut,
+    tags=["users"],
+    summary="Your activity log",
+    description="Sign-ins, password and preference changes, newest first, with time and client address. "
+    "Example: `/api/v1/users/me/activity?limit=20`.",
+    responses=error_responses(401, 422, 429),
+)
+async def my_activity(
+    request: Request,
+    principal: Principal = Depends(require_principal),
+    limit: int = Query(default=50, ge=1, le=500),
+    before_id: int | None = Query(default=None, ge=1, le=2**62, description="only entries older than this id"),
+) -> ActivityListOut:
+    rows = await _auth(request).activity(_own_id(principal), limit=limit, before_id=before_id)
+    items = [ActivityOut.model_validate(r, from_attributes=True) for r in rows]
+    return ActivityListOut(items=items, next_before_id=items[-1].id if len(items) == limit else None)
+
+
+@router.get(
+    "/api/v1/admin/users",
+    response_model=UsersOut,
+    tags=["admin"],
+    summary="List accounts (administrators)",
+    description="Example: `/api/v1/admin/users?email=example.com&limit=50`.",
+    responses=error_responses(401, 403, 422, 429),
+)
+async def list_users(
+    request: Request,
+    _admin: Principal = Depends(require_admin_principal),
+    email: str | None = Query(default=None, max_length=254, description="part of the address"),
+    limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0, le=10_000_000),
+) -> UsersOut:
+    users, total = await _auth(request).list_users(limit=limit, offset=offset, email_contains=email)
+    return UsersOut(total=total, users=[_user_out(u) for u in users])
+
+
+@router.patch(
+    "/api/v1/admin/users/{user_id}",
+    response_model=UserOut,
+    tags=["admin"],
+    summary="Change an account's role or disable it (administrators)",
+    description='Example body: `{"role": "admin"}` or `{"is_active": false}`. The account is signed out so '
+    "the change applies at once.",
+    responses=error_responses(401, 403, 404, 409, 422, 429),
+)
+async def patch_user(
+    user_id: uuid.UUID,
+    body: AdminUserPatch,
+    request: Request,
+    admin: Principal = Depends(require_admin_principal),
+) -> UserOut:
+    user = await _auth(request).admin_update_user(admin, user_id, body.role, body.is_active, client_address(request))
+    return _user_out(user)
+
+
+def _own_id(principal: Principal) -> str:
+    if principal.user_id is None:
+        raise Unauthorized("sign in first")
+    try:
+        uuid.UUID(principal.user_id)
+    except ValueError:
+        # An external issuer's subject that has no local account.
+        raise Unauthorized("no local account for this token's subject") from None
+    return principal.user_id

@@ -1,0 +1,152 @@
+"""All SQL of accounts: users, refresh tokens, reset tokens and the activity log."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import Coin, PasswordResetToken, RefreshToken, User, UserActivity
+
+
+async def user_by_email(session: AsyncSession, email: str) -> User | None:
+    result = await session.execute(select(User).where(User.email == email))
+    return result.scalar_one_or_none()
+
+
+async def user_by_id(session: AsyncSession, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
+    query = select(User).where(User.id == user_id)
+    if for_update:
+        query = query.with_for_update()
+    result = await session.execute(query)
+    return result.scalar_one_or_none()
+
+
+async def add_user(session: AsyncSession, *, email: str, password_hash: str, role: str, now: datetime) -> User:
+    user = User(
+        id=uuid.uuid4(),
+        email=email,
+        password_hash=password_hash,
+        role=role,
+        vs_currency="USD",
+        watchlist=[],
+        is_active=True,
+        password_changed_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(user)
+    await session.flush()
+    return user
+
+
+async def update_user(session: AsyncSession, user_id: uuid.UUID, now: datetime, **values: Any) -> None:
+    await session.execute(update(User).where(User.id == user_id).values(updated_at=now, **values))
+
+
+async def add_refresh_token(
+    session: AsyncSession, *, jti: str, user_id: uuid.UUID, family: str, issued_at: datetime, expires_at: datetime
+) -> None:
+    session.add(RefreshToken(jti=jti, user_id=user_id, family_id=family, issued_at=issued_at, expires_at=expires_at))
+    await session.flush()
+
+
+async def refresh_token_for_update(session: AsyncSession, jti: str) -> RefreshToken | None:
+    result = await session.execute(select(RefreshToken).where(RefreshToken.jti == jti).with_for_update())
+    return result.scalar_one_or_none()
+
+
+async def mark_refresh_used(session: AsyncSession, jti: str, now: datetime) -> None:
+    await session.execute(update(RefreshToken).where(RefreshToken.jti == jti).values(used_at=now))
+
+
+async def revoke_family(session: AsyncSession, family: str, now: datetime) -> None:
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.family_id == family, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+
+
+async def revoke_user_families(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> list[str]:
+    """Revokes every live refresh token of the user; returns the families that had one."""
+    result = await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None), RefreshToken.expires_at > now)
+        .values(revoked_at=now)
+        .returning(RefreshToken.family_id)
+    )
+    return sorted({row[0] for row in result})
+
+
+async def add_reset_token(
+    session: AsyncSession, *, token_hash: str, user_id: uuid.UUID, now: datetime, expires_at: datetime
+) -> None:
+    session.add(PasswordResetToken(token_hash=token_hash, user_id=user_id, created_at=now, expires_at=expires_at))
+    await session.flush()
+
+
+async def reset_token_for_update(session: AsyncSession, token_hash: str) -> PasswordResetToken | None:
+    result = await session.execute(
+        select(PasswordResetToken).where(PasswordResetToken.token_hash == token_hash).with_for_update()
+    )
+    return result.scalar_one_or_none()
+
+
+async def spend_reset_tokens(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> None:
+    """Marks every open reset token of the user used: one completed reset spends the others too."""
+    await session.execute(
+        update(PasswordResetToken)
+        .where(PasswordResetToken.user_id == user_id, PasswordResetToken.used_at.is_(None))
+        .values(used_at=now)
+    )
+
+
+async def add_activity(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    kind: str,
+    client_address: str | None,
+    now: datetime,
+    details: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        UserActivity(
+            user_id=user_id, kind=kind, details=details, client_address=(client_address or "")[:64], created_at=now
+        )
+    )
+    await session.flush()
+
+
+async def list_activity(
+    session: AsyncSession, user_id: uuid.UUID, *, limit: int, before_id: int | None
+) -> Sequence[UserActivity]:
+    query = select(UserActivity).where(UserActivity.user_id == user_id)
+    if before_id is not None:
+        query = query.where(UserActivity.id < before_id)
+    result = await session.execute(query.order_by(UserActivity.id.desc()).limit(limit))
+    return result.scalars().all()
+
+
+async def list_users(
+    session: AsyncSession, *, limit: int, offset: int, email_contains: str | None
+) -> tuple[Sequence[User], int]:
+    query = select(User)
+    counted = select(func.count()).select_from(User)
+    if email_contains:
+        pattern = "%" + email_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        query = query.where(User.email.ilike(pattern, escape="\\"))
+        counted = counted.where(User.email.ilike(pattern, escape="\\"))
+    rows = (await session.execute(query.order_by(User.created_at, User.id).limit(limit).offset(offset))).scalars()
+    total = (await session.execute(counted)).scalar_one()
+    return rows.all(), int(total)
+
+
+async def tracked_coins(session: AsyncSession, symbols: list[str]) -> set[str]:
+    result = await session.execute(select(Coin.symbol).where(Coin.symbol.in_(symbols), Coin.active.is_(True)))
+    return {row[0] for row in result}

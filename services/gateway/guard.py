@@ -1,0 +1,72 @@
+"""Who is calling the gateway, and whether they may: bearer token -> principal, then the rate limit."""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+
+from services.gateway.ratelimit import SlidingWindowLimiter
+from shared.auth import ANONYMOUS, Authenticator, Principal, bearer_token, oauth2_scheme
+from shared.errors import Forbidden, Unauthorized
+from shared.settings import Settings
+
+
+def client_address(request: Request) -> str:
+    # uvicorn already replaced the peer with X-Forwarded-For's client when the peer is a trusted proxy
+    # (FORWARDED_ALLOW_IPS), so a client can't pick its own address here.
+    return request.client.host if request.client else "unknown"
+
+
+async def resolve(request: Request) -> Principal:
+    """The caller's principal (anonymous without a token), counted against its rate limit."""
+    cached: Principal | None = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    settings: Settings = request.app.state.settings
+    authenticator: Authenticator = request.app.state.authenticator
+    limiter: SlidingWindowLimiter = request.app.state.limiter
+    token = bearer_token(request.headers.get("authorization"))
+    principal = await authenticator.authenticate(token) if token else ANONYMOUS
+    if principal.user_id is not None:
+        await limiter.enforce(
+            f"user:{principal.user_id}",
+            limit=settings.rate_limit_user,
+            window_seconds=settings.rate_limit_window_seconds,
+            what="per account",
+        )
+    else:
+        await limiter.enforce(
+            f"ip:{client_address(request)}",
+            limit=settings.rate_limit_anonymous,
+            window_seconds=settings.rate_limit_window_seconds,
+            what="per address without a token",
+        )
+    request.state.principal = principal
+    return principal
+
+
+async def guard_anonymous(request: Request) -> None:
+    """For sign-in style routes: counted per client address, whatever token is sent along."""
+    settings: Settings = request.app.state.settings
+    limiter: SlidingWindowLimiter = request.app.state.limiter
+    await limiter.enforce(
+        f"ip:{client_address(request)}",
+        limit=settings.rate_limit_anonymous,
+        window_seconds=settings.rate_limit_window_seconds,
+        what="per address without a token",
+    )
+
+
+async def require_principal(request: Request, _token: str | None = Depends(oauth2_scheme)) -> Principal:
+    principal = await resolve(request)
+    if principal.user_id is None:
+        raise Unauthorized(
+            "sign in first: send 'Authorization: Bearer <access token>'", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return principal
+
+
+async def require_admin_principal(request: Request, _token: str | None = Depends(oauth2_scheme)) -> Principal:
+    principal = await require_principal(request)
+    if principal.role != "admin":
+        raise Forbidden("this route needs an administrator")
+    return principal

@@ -1,0 +1,118 @@
+"""All SQL of the coins endpoints (tracked coins, their market data, and price history lookups)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import case, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import Candle, Coin, CoinMarketData, Price, SourceQuote
+
+CANDLE_LENGTHS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
+
+
+async def active_coins(session: AsyncSession) -> list[tuple[Coin, CoinMarketData | None]]:
+    result = await session.execute(
+        select(Coin, CoinMarketData)
+        .outerjoin(CoinMarketData, CoinMarketData.symbol == Coin.symbol)
+        .where(Coin.active.is_(True))
+        .order_by(Coin.symbol)
+    )
+    return [(coin, data) for coin, data in result.tuples().all()]
+
+
+async def all_coins(session: AsyncSession) -> list[tuple[Coin, CoinMarketData | None]]:
+    result = await session.execute(
+        select(Coin, CoinMarketData)
+        .outerjoin(CoinMarketData, CoinMarketData.symbol == Coin.symbol)
+        .order_by(Coin.symbol)
+    )
+    return [(coin, data) for coin, data in result.tuples().all()]
+
+
+async def coin_with_data(session: AsyncSession, symbol: str) -> tuple[Coin, CoinMarketData | None] | None:
+    result = await session.execute(
+        select(Coin, CoinMarketData)
+        .outerjoin(CoinMarketData, CoinMarketData.symbol == Coin.symbol)
+        .where(Coin.symbol == symbol)
+    )
+    row = result.tuples().first()
+    return (row[0], row[1]) if row else None
+
+
+async def prices(session: AsyncSession, bases: Sequence[str], vs: Sequence[str]) -> dict[tuple[str, str], Price]:
+    if not bases or not vs:
+        return {}
+    result = await session.scalars(select(Price).where(Price.base.in_(list(bases)), Price.vs.in_(list(vs))))
+    return {(p.base, p.vs): p for p in result.all()}
+
+
+async def currency_known(session: AsyncSession, vs: str) -> bool:
+    found = await session.scalar(select(Price.vs).where(Price.vs == vs).limit(1))
+    return found is not None
+
+
+async def closes_near(
+    session: AsyncSession, bases: Sequence[str], vs: str, target: datetime, tolerance: timedelta
+) -> dict[str, tuple[Decimal, datetime]]:
+    """Per coin, the candle close observed nearest to ``target`` (at most ``tolerance`` away).
+
+    A candle's close is the price at the candle's end (``t`` + its length), so that is the moment
+    compared with ``target``. On a tie the finer candle wins."""
+    if not bases:
+        return {}
+    length = case(
+        *((Candle.interval == name, span) for name, span in CANDLE_LENGTHS.items()),
+        else_=CANDLE_LENGTHS["1d"],
+    )
+    closed_at = (Candle.t + length).label("closed_at")
+    fineness = case({"1m": 0, "1h": 1, "1d": 2}, value=Candle.interval, else_=3)
+    lo, hi = target - tolerance, target + tolerance
+    stmt = (
+        select(Candle.base, Candle.close, closed_at)
+        .distinct(Candle.base)
+        .where(
+            Candle.base.in_(list(bases)),
+            Candle.vs == vs,
+            Candle.interval.in_(list(CANDLE_LENGTHS)),
+            # Bounds on ``t`` itself keep the primary-key index usable; the exact test is on the close time.
+            Candle.t >= lo - max(CANDLE_LENGTHS.values()),
+            Candle.t <= hi,
+            Candle.t + length >= lo,
+            Candle.t + length <= hi,
+        )
+        .order_by(Candle.base, func.abs(func.extract("epoch", Candle.t + length - target)), fineness)
+    )
+    result = await session.execute(stmt)
+    return {base: (close, at) for base, close, at in result.tuples().all()}
+
+
+async def source_quotes(session: AsyncSession, base: str) -> list[SourceQuote]:
+    result = await session.scalars(
+        select(SourceQuote).where(SourceQuote.base == base).order_by(SourceQuote.quote, SourceQuote.source)
+    )
+    return list(result.all())
+
+
+async def lock_coin(session: AsyncSession, symbol: str) -> Coin | None:
+    """The coin's row, locked until commit so concurrent admin changes apply one after the other."""
+    return await session.get(Coin, symbol, with_for_update=True, populate_existing=True)
+
+
+async def insert_coin(session: AsyncSession, symbol: str, name: str | None) -> bool:
+    """Adds an active coin; False when the symbol already exists (a concurrent add cannot fail either)."""
+    stmt = (
+        insert(Coin)
+        .values(symbol=symbol, name=name, active=True)
+        .on_conflict_do_nothing(index_elements=[Coin.symbol])
+        .returning(Coin.symbol)
+    )
+    return (await session.execute(stmt)).scalar() is not None
+
+
+async def coingecko_id(session: AsyncSession, symbol: str) -> str | None:
+    return await session.scalar(select(CoinMarketData.coingecko_id).where(CoinMarketData.symbol == symbol))

@@ -1,0 +1,239 @@
+"""Tracked coins: the market overview (price, market cap, volume, changes from our own history) and
+the admin operations that add or remove coins at runtime.
+
+Market cap in ``vs`` = CoinGecko's circulating supply x our consolidated price in ``vs``: the same
+definition CoinGecko uses, but with our fresher price, so it moves with every consolidation and
+needs no fiat table. When the supply is unknown, CoinGecko's USD market cap is restated in ``vs``
+by the ratio of our own prices (price in vs / price in USD).
+
+Changes compare the current price with the close of our own candles nearest to now - 1 h / 24 h /
+7 d (a candle's close is the price at its end); no candle within the tolerance gives null.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.pricing.coins import repository
+from shared.db import transaction
+from shared.errors import UnknownCurrency, UnknownSymbol
+from shared.models import Coin, CoinMarketData, Price
+from shared.settings import Settings
+from shared.streams import StreamPublisher
+
+log = structlog.get_logger("pricing.coins")
+
+COINS_STREAM = "coins"
+# (field, how far back, how far the close may be from that moment)
+CHANGE_WINDOWS: tuple[tuple[str, timedelta, timedelta], ...] = (
+    ("change_1h_pct", timedelta(hours=1), timedelta(minutes=5)),
+    ("change_24h_pct", timedelta(hours=24), timedelta(hours=1)),
+    ("change_7d_pct", timedelta(days=7), timedelta(hours=6)),
+)
+PCT_QUANTUM = Decimal("0.0001")
+CAP_QUANTUM = Decimal("0.01")
+METHOD_SUPPLY = "circulating_supply x price"
+METHOD_CONVERTED = "coingecko market_cap_usd x (price / price_usd)"
+
+
+def pct_change(now_price: Decimal, then_price: Decimal) -> Decimal | None:
+    if then_price <= 0:
+        return None
+    return ((now_price - then_price) / then_price * 100).quantize(PCT_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def market_cap(
+    data: CoinMarketData | None, price: Price | None, price_usd: Price | None
+) -> tuple[Decimal | None, str | None]:
+    if data is None:
+        return None, None
+    if data.circulating_supply is not None and data.circulating_supply > 0 and price is not None:
+        return (data.circulating_supply * price.price).quantize(CAP_QUANTUM), METHOD_SUPPLY
+    if data.market_cap_usd is not None and price is not None and price_usd is not None and price_usd.price > 0:
+        converted = data.market_cap_usd * price.price / price_usd.price
+        return converted.quantize(CAP_QUANTUM), METHOD_CONVERTED
+    return None, None
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+@dataclass
+class CoinView:
+    coin: Coin
+    data: CoinMarketData | None
+    price: Price | None
+    market_cap: Decimal | None
+    market_cap_method: str | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "symbol": self.coin.symbol,
+            "name": self.coin.name or (self.data.name if self.data else None),
+            "price": self.price.price if self.price else None,
+            "market_cap": self.market_cap,
+            "volume_24h": self.price.volume_24h if self.price else None,
+            "change_1h_pct": None,
+            "change_24h_pct": None,
+            "change_7d_pct": None,
+            "last_updated": iso(self.price.last_updated) if self.price else None,
+            "price_status": self.price.status if self.price else None,
+        }
+
+
+def admin_view(coin: Coin, coingecko_id: str | None, change: str | None = None) -> dict[str, Any]:
+    return {
+        "symbol": coin.symbol,
+        "name": coin.name,
+        "active": coin.active,
+        "added_at": iso(coin.added_at),
+        "coingecko_id": coingecko_id,
+        "change": change,
+    }
+
+
+class CoinsService:
+    def __init__(
+        self, settings: Settings, *, sessions: async_sessionmaker[AsyncSession], publisher: StreamPublisher
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.publisher = publisher
+
+    async def _check_currency(self, session: AsyncSession, vs: str) -> None:
+        if vs in self.settings.vs_currencies or await repository.currency_known(session, vs):
+            return
+        raise UnknownCurrency(
+            f"unknown currency: {vs}; prices are published in {', '.join(self.settings.vs_currencies)}",
+            details={"unknown": [vs]},
+        )
+
+    async def _views(
+        self, session: AsyncSession, rows: list[tuple[Coin, CoinMarketData | None]], vs: str
+    ) -> list[CoinView]:
+        symbols = [coin.symbol for coin, _ in rows]
+        found = await repository.prices(session, symbols, sorted({vs, "USD"}))
+        views = []
+        for coin, data in rows:
+            price = found.get((coin.symbol, vs))
+            cap, method = market_cap(data, price, found.get((coin.symbol, "USD")))
+            views.append(CoinView(coin=coin, data=data, price=price, market_cap=cap, market_cap_method=method))
+        return views
+
+    async def _add_changes(self, session: AsyncSession, entries: list[dict[str, Any]], vs: str, now: datetime) -> None:
+        priced = [e["symbol"] for e in entries if e["price"] is not None]
+        for field, back, tolerance in CHANGE_WINDOWS:
+            closes = await repository.closes_near(session, priced, vs, now - back, tolerance)
+            for entry in entries:
+                then = closes.get(entry["symbol"])
+                if then is not None and entry["price"] is not None:
+                    entry[field] = pct_change(entry["price"], then[0])
+
+    async def list_coins(self, vs: str, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+        """One page of the active coins, by market cap (largest first, unknown last), then symbol."""
+        now = datetime.now(UTC)
+        async with transaction(self.sessions) as session:
+            await self._check_currency(session, vs)
+            views = await self._views(session, await repository.active_coins(session), vs)
+            views.sort(key=lambda v: (v.market_cap is None, -(v.market_cap or 0), v.coin.symbol))
+            chunk = views[(page - 1) * per_page : page * per_page]
+            entries = [v.summary() for v in chunk]
+            await self._add_changes(session, entries, vs, now)
+        return entries, len(views)
+
+    async def coin_detail(self, symbol: str, vs: str) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        async with transaction(self.sessions) as session:
+            found = await repository.coin_with_data(session, symbol)
+            if found is None or not found[0].active:
+                raise UnknownSymbol(f"unknown coin: {symbol} (not tracked)", details={"unknown": [symbol]})
+            await self._check_currency(session, vs)
+            view = (await self._views(session, [found], vs))[0]
+            entry = view.summary()
+            await self._add_changes(session, [entry], vs, now)
+            quotes = await repository.source_quotes(session, symbol)
+        data = view.data
+        entry.update(
+            {
+                "vs": vs,
+                "coingecko_id": data.coingecko_id if data else None,
+                "circulating_supply": data.circulating_supply if data else None,
+                "total_supply": data.total_supply if data else None,
+                "market_cap_method": view.market_cap_method,
+                "market_data_updated_at": iso(data.updated_at) if data else None,
+                "sources_used": sorted({q.source for q in quotes if q.status == "used"}),
+                "sources": [
+                    {
+                        "source": q.source,
+                        "pair": q.pair,
+                        "quote": q.quote,
+                        "price": q.price,
+                        "volume_24h": q.volume_24h,
+                        "timestamp": iso(q.exchange_ts),
+                        "status": q.status,
+                    }
+                    for q in quotes
+                ],
+            }
+        )
+        return entry
+
+    # --- admin ---------------------------------------------------------------------------------
+
+    async def admin_list(self) -> list[dict[str, Any]]:
+        async with transaction(self.sessions) as session:
+            rows = await repository.all_coins(session)
+        return [admin_view(coin, data.coingecko_id if data else None) for coin, data in rows]
+
+    async def add_coin(self, symbol: str, name: str | None) -> dict[str, Any]:
+        """Adds a coin or reactivates a removed one; ``change`` says which (or ``unchanged``)."""
+        async with transaction(self.sessions) as session:
+            created = await repository.insert_coin(session, symbol, name)
+            coin = await repository.lock_coin(session, symbol)
+            assert coin is not None  # inserted or already present, and never deleted
+            change = "added" if created else "unchanged"
+            if not created and not coin.active:
+                coin.active = True
+                change = "reactivated"
+            if name is not None and coin.name != name:
+                coin.name = name
+            await session.flush()
+            view = admin_view(coin, await repository.coingecko_id(session, symbol), change)
+        if change != "unchanged":
+            await self._announce(change, view)
+        return view
+
+    async def remove_coin(self, symbol: str) -> dict[str, Any]:
+        """Deactivates a coin (its history stays); unknown symbols are a 404."""
+        async with transaction(self.sessions) as session:
+            coin = await repository.lock_coin(session, symbol)
+            if coin is None:
+                raise UnknownSymbol(f"unknown coin: {symbol}", details={"unknown": [symbol]})
+            change = "deactivated" if coin.active else "unchanged"
+            coin.active = False
+            await session.flush()
+            view = admin_view(coin, await repository.coingecko_id(session, symbol), change)
+        if change != "unchanged":
+            await self._announce(change, view)
+        return view
+
+    async def _announce(self, action: str, view: dict[str, Any]) -> None:
+        """After commit only. A lost event is tolerable: ingest also re-reads the coins table."""
+        event = {
+            "action": action,
+            "symbol": view["symbol"],
+            "name": view["name"],
+            "active": view["active"],
+            "at": iso(datetime.now(UTC)),
+        }
+        try:
+            await self.publisher.publish(COINS_STREAM, event)
+        except Exception as exc:
+            log.warning("coins_event_not_published", action=action, symbol=view["symbol"], error=str(exc))

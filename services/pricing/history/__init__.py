@@ -1,0 +1,1 @@
+"""Price history: 1-minute candles from consolidated prices, coarser views, retention, exchange backfill."""

@@ -1,0 +1,231 @@
+"""All SQL of price history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import BackfillProgress, Candle, Coin, Price
+
+# 12 columns a row keeps a chunk far below asyncpg's 32,767 bind parameters.
+INSERT_CHUNK = 1000
+STEP_SECONDS = {"1m": 60, "1h": 3600, "1d": 86_400}
+# Buckets are aligned on the Unix epoch, as service.floor_time does.
+ORIGIN = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
+PAIR_RANGE = "base = :base AND vs = :vs AND t >= :lo AND t < :hi"
+
+
+async def upsert_live_candles(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Merge 1-minute candles built from consolidated prices into the stored ones.
+
+    ``open``/``close`` only move for a point that is strictly earlier/later than the stored first/last one,
+    high/low only widen, so applying the same points again is a no-op (the WHERE clause skips the write).
+    Candles loaded from an exchange are left as they are."""
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = list(rows[start : start + INSERT_CHUNK])
+        stmt = insert(Candle).values(chunk)
+        new = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Candle.base, Candle.vs, Candle.interval, Candle.t],
+            set_={
+                "open": case((new.first_ts < Candle.first_ts, new.open), else_=Candle.open),
+                "first_ts": func.least(Candle.first_ts, new.first_ts),
+                "close": case((new.last_ts > Candle.last_ts, new.close), else_=Candle.close),
+                "last_ts": func.greatest(Candle.last_ts, new.last_ts),
+                "high": func.greatest(Candle.high, new.high),
+                "low": func.least(Candle.low, new.low),
+                "updated_at": func.now(),
+            },
+            where=and_(
+                Candle.source == new.source,
+                or_(
+                    new.first_ts < Candle.first_ts,
+                    new.last_ts > Candle.last_ts,
+                    new.high > Candle.high,
+                    new.low < Candle.low,
+                ),
+            ),
+        )
+        await session.execute(stmt)
+
+
+def _level_sql(level: str) -> str:
+    """Rows at ``level`` granularity (1m, 1h or 1d) for :base/:vs in [:lo, :hi).
+
+    A stored row of that interval wins; a bucket without one is aggregated from the next finer level,
+    so the latest hour/day (not rolled up yet) and hours whose 1-minute rows are all there is still show."""
+    stored = f"SELECT t, open, high, low, close, volume FROM candles WHERE {PAIR_RANGE} AND interval = '{level}'"  # noqa: S608
+    finer = {"1h": "1m", "1d": "1h"}.get(level)
+    if finer is None:
+        return stored
+    step = f"INTERVAL '{STEP_SECONDS[level]} seconds'"
+    # Only our constants are formatted in (level names, step lengths); every value is a bind parameter.
+    return (
+        f"{stored} UNION ALL "  # noqa: S608
+        f"SELECT date_bin({step}, f.t, {ORIGIN}) AS t, {_agg('f')} "
+        f"FROM ({_level_sql(finer)}) AS f "
+        f"WHERE NOT EXISTS (SELECT 1 FROM candles c WHERE c.base = :base AND c.vs = :vs AND c.interval = '{level}' "
+        f"AND c.t = date_bin({step}, f.t, {ORIGIN})) "
+        f"GROUP BY 1"
+    )
+
+
+def _agg(alias: str) -> str:
+    # first/last by time; SUM of only nulls stays null (consolidated candles have no volume).
+    return (
+        f"(array_agg({alias}.open ORDER BY {alias}.t))[1] AS open, max({alias}.high) AS high, "
+        f"min({alias}.low) AS low, (array_agg({alias}.close ORDER BY {alias}.t DESC))[1] AS close, "
+        f"sum({alias}.volume) AS volume"
+    )
+
+
+def _source_level(interval: str, step: int) -> str:
+    return max((lvl for lvl, s in STEP_SECONDS.items() if s <= step and step % s == 0), key=STEP_SECONDS.__getitem__)
+
+
+async def read_candles(
+    session: AsyncSession, base: str, vs: str, interval: str, lo: datetime, hi: datetime
+) -> list[dict[str, Any]]:
+    """Candles of ``interval`` (1m, 5m, 15m, 1h, 4h, 1d) starting in [lo, hi), aggregated in PostgreSQL."""
+    step = int(interval[:-1]) * {"m": 60, "h": 3600, "d": 86_400}[interval[-1]]
+    level = _source_level(interval, step)
+    sql = (
+        f"SELECT date_bin(INTERVAL '{step} seconds', s.t, {ORIGIN}) AS t, {_agg('s')} "  # noqa: S608
+        f"FROM ({_level_sql(level)}) AS s GROUP BY 1 ORDER BY 1"
+    )
+    result = await session.execute(text(sql), {"base": base, "vs": vs, "lo": lo, "hi": hi})
+    return [dict(r._mapping) for r in result]
+
+
+async def roll_up(session: AsyncSession, target: str, finer: str, *, until: datetime) -> int:
+    """Write ``target`` candles (1h from 1m, 1d from 1h) for complete buckets before ``until``.
+
+    Starts a little before the newest roll-up (late minutes still count), or at the oldest finer row on
+    the first run. Exchange candles already stored for a bucket are kept; unchanged buckets are not rewritten.
+    Returns the number of rows written."""
+    step = STEP_SECONDS[target]
+    newest = await session.scalar(
+        select(func.max(Candle.t)).where(Candle.interval == target, Candle.source == "rollup")
+    )
+    since: datetime | None
+    if newest is not None:
+        since = newest - timedelta(seconds=2 * step)
+    else:
+        since = await session.scalar(select(func.min(Candle.t)).where(Candle.interval == finer))
+        if since is None:
+            return 0
+    sql = f"""
+        INSERT INTO candles AS c (base, vs, interval, t, open, high, low, close, volume, source, first_ts, last_ts,
+                                  updated_at)
+        SELECT f.base, f.vs, '{target}', date_bin(INTERVAL '{step} seconds', f.t, {ORIGIN}) AS bucket,
+               (array_agg(f.open ORDER BY f.t))[1], max(f.high), min(f.low),
+               (array_agg(f.close ORDER BY f.t DESC))[1], sum(f.volume), 'rollup',
+               min(f.first_ts), max(f.last_ts), now()
+        FROM candles f
+        WHERE f.interval = :finer AND f.t < :until
+          AND f.t >= date_bin(INTERVAL '{step} seconds', CAST(:since AS timestamptz), {ORIGIN})
+        GROUP BY f.base, f.vs, bucket
+        ON CONFLICT (base, vs, interval, t) DO UPDATE
+        SET open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            volume = excluded.volume, first_ts = excluded.first_ts, last_ts = excluded.last_ts, updated_at = now()
+        WHERE c.source = 'rollup'
+          AND (c.open, c.high, c.low, c.close, c.volume)
+              IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume)
+    """  # noqa: S608 - only constants are formatted in; values are bound
+    result = await session.execute(text(sql), {"finer": finer, "since": since, "until": until})
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def delete_ticks_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
+    # ticks has no index on arrival time (it would cost the hot insert path); old rows sit at the start of
+    # the heap, so each batch's scan stops early.
+    result = await session.execute(
+        text(
+            "DELETE FROM ticks WHERE ctid = ANY(ARRAY(SELECT ctid FROM ticks WHERE received_at < :cutoff LIMIT :batch))"
+        ),
+        {"cutoff": cutoff, "batch": batch},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def delete_minute_candles_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
+    result = await session.execute(
+        text(
+            "DELETE FROM candles WHERE ctid = ANY(ARRAY("
+            "SELECT ctid FROM candles WHERE interval = '1m' AND t < :cutoff LIMIT :batch))"
+        ),
+        {"cutoff": cutoff, "batch": batch},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def symbol_known(session: AsyncSession, base: str) -> bool:
+    for stmt in (
+        select(Coin.symbol).where(Coin.symbol == base),
+        select(Price.base).where(Price.base == base),
+        select(Candle.base).where(Candle.base == base),
+    ):
+        if await session.scalar(stmt.limit(1)) is not None:
+            return True
+    return False
+
+
+async def currency_known(session: AsyncSession, vs: str) -> bool:
+    found = await session.scalar(select(Price.vs).where(Price.vs == vs).limit(1))
+    if found is not None:
+        return True
+    found = await session.scalar(select(Candle.vs).where(Candle.vs == vs).limit(1))
+    return found is not None
+
+
+# --- backfill ------------------------------------------------------------------------------------
+
+
+async def insert_exchange_candles(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
+    """Store candles loaded from an exchange; a bucket already stored (live or earlier backfill) is kept."""
+    written = 0
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = list(rows[start : start + INSERT_CHUNK])
+        stmt = (
+            insert(Candle)
+            .values(chunk)
+            .on_conflict_do_nothing(index_elements=[Candle.base, Candle.vs, Candle.interval, Candle.t])
+        )
+        result = await session.scalars(stmt.returning(Candle.t))
+        written += len(result.all())
+    return written
+
+
+async def count_stored(session: AsyncSession, base: str, vs: str, interval: str, lo: datetime, hi: datetime) -> int:
+    count = await session.scalar(
+        select(func.count()).where(
+            Candle.base == base, Candle.vs == vs, Candle.interval == interval, Candle.t >= lo, Candle.t < hi
+        )
+    )
+    return int(count or 0)
+
+
+async def get_progress(
+    session: AsyncSession, base: str, vs: str, source: str, interval: str
+) -> tuple[datetime, datetime] | None:
+    row = await session.get(BackfillProgress, (base, vs, source, interval))
+    if row is None or row.oldest is None or row.newest is None:
+        return None
+    return row.oldest, row.newest
+
+
+async def set_progress(
+    session: AsyncSession, base: str, vs: str, source: str, interval: str, oldest: datetime, newest: datetime
+) -> None:
+    values = {"base": base, "vs": vs, "source": source, "interval": interval, "oldest": oldest, "newest": newest}
+    stmt = insert(BackfillProgress).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[BackfillProgress.base, BackfillProgress.vs, BackfillProgress.source, BackfillProgress.interval],
+        set_={"oldest": oldest, "newest": newest, "updated_at": func.now()},
+    )
+    await session.execute(stmt)

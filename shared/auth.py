@@ -1,0 +1,380 @@
+"""Who is calling: bearer-token verification, the revocation denylist, and the gateway's signed internal
+credential that carries the caller's identity to the services behind it.
+
+Every service verifies tokens through ``Authenticator`` (one ``TokenVerifier`` chosen by configuration plus
+the Redis denylist), so an OIDC issuer such as Keycloak can replace the local secret without code changes:
+see docs/security.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import httpx
+import structlog
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+from jose import JWTError, jwt
+from redis.asyncio import Redis
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shared.errors import Forbidden, Unauthorized, error_body
+from shared.hmac_sign import sign, verify
+from shared.settings import ConfigurationError, Settings
+
+log = structlog.get_logger("auth")
+
+TokenType = Literal["access", "refresh"]
+Role = Literal["anonymous", "user", "admin", "service"]
+LOCAL_ALGORITHM = "HS256"
+REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "jti", "sub")
+TOKEN_URL = "/api/v1/auth/login"  # noqa: S105 - a path
+INTERNAL_HEADERS = ("x-coinlytics-user", "x-coinlytics-role", "x-coinlytics-ts", "x-coinlytics-sig")
+
+# Declares the bearer scheme in each OpenAPI spec, so the merged spec's "Authorize" button covers every route.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+
+
+class TokenError(Exception):
+    """The token is not acceptable; the message is for logs, clients only ever see a generic 401."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str | None
+    role: Role
+    jti: str | None = None
+    family: str | None = None
+    expires_at: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role in ("admin", "service")
+
+
+ANONYMOUS = Principal(user_id=None, role="anonymous")
+
+
+class TokenVerifier(Protocol):
+    async def verify(self, token: str, *, expected_type: TokenType = "access") -> dict[str, Any]:
+        """The token's claims if its signature, issuer, audience, lifetime and type hold; else TokenError."""
+        ...
+
+    def principal(self, claims: dict[str, Any]) -> Principal: ...
+
+
+def _decode_options() -> dict[str, Any]:
+    options: dict[str, Any] = {f"require_{claim}": True for claim in REQUIRED_CLAIMS}
+    options.update({"verify_signature": True, "verify_aud": True, "verify_iss": True, "verify_exp": True})
+    return options
+
+
+class LocalTokenVerifier:
+    """Tokens this deployment issued itself, HS256 with COINLYTICS_JWT_SECRET."""
+
+    def __init__(self, secret: str, *, issuer: str, audience: str) -> None:
+        self._secret = secret
+        self.issuer = issuer
+        self.audience = audience
+
+    async def verify(self, token: str, *, expected_type: TokenType = "access") -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") != LOCAL_ALGORITHM:
+                raise TokenError(f"algorithm {header.get('alg')!r} is not accepted")
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[LOCAL_ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                options=_decode_options(),
+            )
+        except (JWTError, ValueError, TypeError, KeyError) as exc:
+            raise TokenError(f"{type(exc).__name__}: {exc}") from None
+        if claims.get("typ") != expected_type:
+            raise TokenError(f"a {claims.get('typ')!r} token where an {expected_type} token is needed")
+        return claims
+
+    def principal(self, claims: dict[str, Any]) -> Principal:
+        role = claims.get("role")
+        return Principal(
+            user_id=str(claims["sub"]),
+            role="admin" if role == "admin" else "user",
+            jti=str(claims["jti"]),
+            family=str(claims["fam"]) if claims.get("fam") else None,
+            expires_at=int(claims["exp"]),
+        )
+
+
+class OidcTokenVerifier:
+    """Access tokens of an external OpenID Connect issuer (Keycloak, ...), checked against its JWKS."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        jwks_url: str,
+        audience: str,
+        algorithms: list[str],
+        admin_role: str,
+        client: httpx.AsyncClient | None = None,
+        cache_seconds: float = 300.0,
+    ) -> None:
+        if any(alg.upper().startswith("HS") or alg.lower() == "none" for alg in algorithms):
+            # A symmetric algorithm would let the public JWKS act as a signing key.
+            raise ConfigurationError("COINLYTICS_OIDC_ALGORITHMS: only asymmetric algorithms (RS*, ES*, PS*)")
+        self.issuer = issuer
+        self.jwks_url = jwks_url
+        self.audience = audience
+        self.algorithms = algorithms
+        self.admin_role = admin_role
+        self._client = client or httpx.AsyncClient(timeout=5.0)
+        self._cache_seconds = cache_seconds
+        self._jwks: dict[str, Any] | None = None
+        self._fetched_at = 0.0
+
+    async def _keys(self, *, force: bool = False) -> dict[str, Any]:
+        fresh = time.monotonic() - self._fetched_at < self._cache_seconds
+        if self._jwks is None or force or not fresh:
+            try:
+                response = await self._client.get(self.jwks_url)
+                response.raise_for_status()
+                self._jwks = response.json()
+                self._fetched_at = time.monotonic()
+            except (httpx.HTTPError, ValueError) as exc:
+                if self._jwks is None:
+                    raise TokenError(f"issuer keys unavailable: {exc}") from None
+        assert self._jwks is not None
+        return self._jwks
+
+    async def verify(self, token: str, *, expected_type: TokenType = "access") -> dict[str, Any]:
+        if expected_type != "access":
+            raise TokenError("an external issuer's refresh tokens are not accepted here")
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            keys = await self._keys()
+            if kid and not any(k.get("kid") == kid for k in keys.get("keys", [])):
+                keys = await self._keys(force=True)  # the issuer rotated its keys
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                keys,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={**_decode_options(), "verify_at_hash": False},
+            )
+        except (JWTError, ValueError, TypeError, KeyError) as exc:
+            raise TokenError(f"{type(exc).__name__}: {exc}") from None
+        # Keycloak marks access tokens typ=Bearer; ID and refresh tokens carry other values.
+        if claims.get("typ") not in ("Bearer", "access"):
+            raise TokenError(f"a {claims.get('typ')!r} token where an access token is needed")
+        return claims
+
+    def principal(self, claims: dict[str, Any]) -> Principal:
+        roles = set((claims.get("realm_access") or {}).get("roles") or [])
+        return Principal(
+            user_id=str(claims["sub"]),
+            role="admin" if self.admin_role in roles else "user",
+            jti=str(claims["jti"]),
+            expires_at=int(claims["exp"]),
+        )
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    if settings.token_verifier == "oidc":  # noqa: S105
+        if not settings.oidc_issuer or not settings.oidc_jwks_url:
+            raise ConfigurationError(
+                "COINLYTICS_TOKEN_VERIFIER=oidc needs COINLYTICS_OIDC_ISSUER and COINLYTICS_OIDC_JWKS_URL"
+            )
+        return OidcTokenVerifier(
+            issuer=settings.oidc_issuer,
+            jwks_url=settings.oidc_jwks_url,
+            audience=settings.oidc_audience or settings.jwt_audience,
+            algorithms=settings.oidc_algorithms,
+            admin_role=settings.oidc_admin_role,
+        )
+    return LocalTokenVerifier(settings.jwt_secret_value(), issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+
+
+class Denylist:
+    """Revoked access tokens (by jti) and revoked refresh families, in Redis until the tokens expire."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    def _jti_key(self, jti: str) -> str:
+        return self.settings.key("auth", "deny", "jti", jti)
+
+    def _family_key(self, family: str) -> str:
+        return self.settings.key("auth", "deny", "family", family)
+
+    async def deny_token(self, jti: str, expires_at: int) -> None:
+        ttl = max(1, expires_at - int(time.time()) + 1)
+        await self.redis.set(self._jti_key(jti), b"1", ex=ttl)
+
+    async def deny_families(self, families: list[str]) -> None:
+        """Access tokens of these families stop working at once (they carry their family in ``fam``)."""
+        if not families:
+            return
+        ttl = self.settings.access_token_minutes * 60 + 60
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for family in families:
+                pipe.set(self._family_key(family), b"1", ex=ttl)
+            await pipe.execute()
+
+    async def is_denied(self, principal: Principal) -> bool:
+        keys = [self._jti_key(principal.jti or "")]
+        if principal.family:
+            keys.append(self._family_key(principal.family))
+        return any(value is not None for value in await self.redis.mget(keys))
+
+
+class Authenticator:
+    """Token verification plus the denylist: the one check every service uses for a bearer token."""
+
+    def __init__(self, verifier: TokenVerifier, denylist: Denylist) -> None:
+        self.verifier = verifier
+        self.denylist = denylist
+
+    async def authenticate(self, token: str) -> Principal:
+        try:
+            claims = await self.verifier.verify(token, expected_type="access")
+        except TokenError as exc:
+            log.info("token_rejected", reason=str(exc)[:200])
+            raise Unauthorized("invalid or expired token", headers={"WWW-Authenticate": "Bearer"}) from None
+        principal = self.verifier.principal(claims)
+        if await self.denylist.is_denied(principal):
+            raise Unauthorized("the token has been revoked", headers={"WWW-Authenticate": "Bearer"})
+        return principal
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("use 'Authorization: Bearer <access token>'", headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+# --- the internal credential: gateway -> services ------------------------------------------------
+
+
+def _internal_payload(method: str, path: str, timestamp: str, user: str, role: str) -> bytes:
+    return "\n".join(("coinlytics-internal-v1", method.upper(), path, timestamp, user, role)).encode()
+
+
+def sign_internal(
+    key: bytes, method: str, path: str, principal: Principal, *, now: float | None = None
+) -> dict[str, str]:
+    """Headers that tell a service who the gateway authenticated, bound to this method and path."""
+    timestamp = str(int(now if now is not None else time.time()))
+    user = principal.user_id or ""
+    return {
+        "x-coinlytics-user": user,
+        "x-coinlytics-role": principal.role,
+        "x-coinlytics-ts": timestamp,
+        "x-coinlytics-sig": sign(key, _internal_payload(method, path, timestamp, user, principal.role)),
+    }
+
+
+def verify_internal(
+    key: bytes, method: str, path: str, headers: dict[str, str], *, max_skew: float, now: float | None = None
+) -> Principal:
+    """The principal the gateway signed for, or TokenError if the credential is missing, forged or stale."""
+    values = [headers.get(name) for name in INTERNAL_HEADERS]
+    user, role, timestamp, signature = values
+    if user is None or role is None or timestamp is None or signature is None:
+        raise TokenError("internal credential missing")
+    if not verify(key, _internal_payload(method, path, timestamp, user, role), signature):
+        raise TokenError("internal credential signature mismatch")
+    try:
+        age = abs((now if now is not None else time.time()) - int(timestamp))
+    except ValueError:
+        raise TokenError("internal credential timestamp malformed") from None
+    if age > max_skew:
+        raise TokenError("internal credential expired")
+    if role not in ("anonymous", "user", "admin", "service"):
+        raise TokenError("internal credential role unknown")
+    return Principal(user_id=user or None, role=role)  # type: ignore[arg-type]
+
+
+class InternalAuthMiddleware:
+    """Behind the gateway: takes the caller's identity from the gateway's signed credential.
+
+    A present but invalid credential is always refused. A missing one is refused on public routes
+    (``/api/v1/...``) when ``internal_auth_required`` is on (the default); health, readiness, metrics and
+    the service's own OpenAPI document stay open for probes and for the gateway's spec merge. Admin
+    routes also need an admin (or service) role in the credential.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        method = scope.get("method", "GET") if scope["type"] == "http" else "WS"
+        public = path.startswith("/api/v1/")
+        principal = ANONYMOUS
+        if any(name in headers for name in INTERNAL_HEADERS):
+            try:
+                principal = verify_internal(
+                    self.settings.hmac_key_bytes(),
+                    method,
+                    path,
+                    headers,
+                    max_skew=self.settings.internal_auth_max_skew_seconds,
+                )
+            except TokenError as exc:
+                log.warning("internal_credential_rejected", path=path, reason=str(exc))
+                await _refuse(scope, receive, send, 401, "unauthorized", "invalid internal credential")
+                return
+            if path.startswith("/api/v1/admin/") and not principal.is_admin:
+                await _refuse(scope, receive, send, 403, "forbidden", "admin routes need an administrator")
+                return
+        elif public and self.settings.internal_auth_required:
+            await _refuse(scope, receive, send, 401, "unauthorized", "call this service through the gateway")
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 4000 + status})
+        return
+    from fastapi.responses import JSONResponse
+
+    response = JSONResponse(error_body(code, message), status_code=status)
+    await response(scope, receive, send)
+
+
+def current_principal(request: Request) -> Principal:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal or ANONYMOUS
+
+
+async def require_user(request: Request, _token: str | None = Depends(oauth2_scheme)) -> Principal:
+    """Dependency for a service route that needs a signed-in user (the gateway verified the token)."""
+    principal = current_principal(request)
+    if principal.user_id is None or principal.role == "service":
+        raise Unauthorized("sign in first: send 'Authorization: Bearer <access token>'")
+    return principal
+
+
+async def require_admin(request: Request, _token: str | None = Depends(oauth2_scheme)) -> Principal:
+    principal = current_principal(request)
+    if principal.role == "anonymous":
+        raise Unauthorized("sign in first: send 'Authorization: Bearer <access token>'")
+    if not principal.is_admin:
+        raise Forbidden("this route needs an administrator")
+    return principal
