@@ -206,43 +206,38 @@ class StreamConsumer:
         return handled
 
     async def reclaim(self) -> int:
-        """Dead-letter entries past their delivery budget, then claim the other stale ones."""
-        pending = await self.redis.xpending_range(
-            self.stream, self.group, min="-", max="+", count=self.batch_size, idle=self.claim_idle_ms
+        """Claim entries idle past ``claim_idle_ms`` (XAUTOCLAIM); process those still within their delivery
+        budget, dead-letter the rest."""
+        claimed = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, count=self.batch_size
         )
-        exhausted = [p for p in pending if int(p["times_delivered"]) >= self.max_deliveries]
-        for entry in exhausted:
-            entry_id = _s(entry["message_id"])
-            rows = await self.redis.xrange(self.stream, min=entry_id, max=entry_id)
-            fields = {_s(k): _s(v) for k, v in rows[0][1].items()} if rows else {}
-            await self._dead_letter(
-                StreamMessage(id=entry_id, fields=fields, deliveries=int(entry["times_delivered"])),
-                f"failed {entry['times_delivered']} deliveries",
-            )
-        # Claim exactly the entries checked above: XAUTOCLAIM would also take one that crossed the idle
-        # threshold a moment after XPENDING looked, one delivery past its budget. min_idle_time keeps a
-        # concurrent claimer's entries out.
-        budget = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending if p not in exhausted}
-        entries = (
-            await self.redis.xclaim(
-                self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, message_ids=list(budget)
-            )
-            if budget
-            else []
-        )
-        messages = [
-            StreamMessage(
-                id=_s(entry_id),
-                fields={_s(k): _s(v) for k, v in fields.items()},
-                deliveries=budget.get(_s(entry_id), 1) + 1,
-            )
-            for entry_id, fields in entries
-            if entry_id is not None and fields is not None
-        ]
-        # Entries trimmed away while pending come back as None: nothing is left to process, just ack.
-        gone = [_s(entry_id) for entry_id, fields in entries if entry_id is not None and fields is None]
+        entries = [(_s(i), f) for i, f in (claimed[1] if claimed else []) if i is not None]
+        # Redis 6.2 returns entries trimmed away while pending with no fields; 7.x drops them from the
+        # pending list itself. Either way nothing is left to process: just ack.
+        gone = [entry_id for entry_id, fields in entries if fields is None]
         if gone:
             await self.redis.xack(self.stream, self.group, *gone)
+        live = [(entry_id, fields) for entry_id, fields in entries if fields is not None]
+        if not live:
+            return 0
+        # The claim counted as a delivery: an entry delivered more often than the budget allows has had
+        # its max_deliveries attempts already.
+        pending = await self.redis.xpending_range(
+            self.stream, self.group, min=live[0][0], max=live[-1][0], count=len(live), consumername=self.consumer
+        )
+        deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        messages: list[StreamMessage] = []
+        for entry_id, fields in live:
+            message = StreamMessage(
+                id=entry_id,
+                fields={_s(k): _s(v) for k, v in fields.items()},
+                deliveries=deliveries.get(entry_id, 2),
+            )
+            if message.deliveries > self.max_deliveries:
+                message.deliveries -= 1
+                await self._dead_letter(message, f"failed {message.deliveries} deliveries")
+            else:
+                messages.append(message)
         if messages:
             log.info("consumer_reclaimed", stream=self.stream, count=len(messages))
             # One by one: a reclaimed entry has failed before, so isolate it from the others.
