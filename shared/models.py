@@ -102,7 +102,7 @@ class Price(Base):
     status: Mapped[str] = mapped_column(String(10))
     sources_used: Mapped[int] = mapped_column(Integer)
     sources_total: Mapped[int] = mapped_column(Integer)
-    method: Mapped[str] = mapped_column(String(40))
+    method: Mapped[str] = mapped_column(String(120))
     last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -224,3 +224,17 @@ async def test_tampered_cache_entry_is_discarded_and_rebuilt(pricing, db, redis,
     assert Decimal(found[("BTC", "USD")]["price"]) == (await consolidated(db))["price"]
     # The rebuilt entry is signed again and accepted.
     assert (await service.cache.get([("BTC", "USD")]))[("BTC", "USD")]["price"] != "1"
+
+
+async def test_parity_prices_restated_through_ecb_are_stored(pricing, db, exchange_fixtures):
+    day, rates = ecb_rates(exchange_fixtures)
+    await db.executemany(
+        "INSERT INTO fiat_rates (currency, day, per_eur) VALUES ($1, $2, $3)",
+        [(cur, day, rate) for cur, rate in rates.items()],
+    )
+    price, volume = recorded_btc_usd(exchange_fixtures)["coinbase"]
+    service = pricing(vs_currencies=["USD", "EUR"], min_fresh_sources=1)
+    await service.apply_ticks([tick("binance", price, volume, quote="USDT")])
+    eur = await consolidated(db, vs="EUR")
+    assert eur["method"].endswith("stablecoin=parity;via=USD*ECB")
+    assert abs(eur["price"] - price / rates["USD"]) < Decimal("1e-18")

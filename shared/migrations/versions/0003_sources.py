@@ -1,10 +1,13 @@
-"""exchange sources (websockets, symbol maps): schema changes of this area (none yet).
+"""Consolidation method strings outgrew 40 characters (e.g. stablecoin parity restated through ECB rates).
 
 Revision ID: 0003
 Revises: 0002
 """
 
 from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -13,8 +16,8 @@ depends_on: Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    pass
+    op.alter_column("prices", "method", type_=sa.String(length=120), existing_nullable=False)
 
 
 def downgrade() -> None:
-    pass
+    op.alter_column("prices", "method", type_=sa.String(length=40), existing_nullable=False)
