@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 import structlog
 from fastapi import Request, Response
+from yarl import URL
 
 from shared.auth import INTERNAL_HEADERS, Principal, sign_internal
 from shared.errors import BadGateway, GatewayTimeout, NotFound
@@ -58,70 +60,86 @@ def owning_service(path: str) -> str | None:
 
 
 class Upstreams:
-    """A keep-alive connection pool to the internal services."""
+    """A keep-alive connection pool to the internal services.
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
+    aiohttp rather than httpx here: under load the gateway spent most of its CPU in httpx's connection
+    pool bookkeeping (measured with py-spy while benchmarking conversions through the gateway)."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=2.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30),
-            follow_redirects=False,
+        self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_seconds, sock_connect=2.0)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=200, limit_per_host=100, keepalive_timeout=30),
+            timeout=self.timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._spec: dict[str, Any] | None = None
         self._spec_at = 0.0
         self._spec_complete = False
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.session.close()
 
     async def forward(self, request: Request, service: str, principal: Principal) -> Response:
         """Passes the request on with the caller's identity in a signed credential instead of its token."""
         path = request.url.path
         headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED}
         headers.update(sign_internal(self.settings.hmac_key_bytes(), request.method, path, principal))
-        # The path as the client encoded it: a decoded "%3F" or "%23" would otherwise change the URL's meaning.
-        raw_path = request.scope.get("raw_path") or path.encode()
-        url = self.settings.service_url(service) + raw_path.decode("latin-1")
+        # The path and query as the client encoded them: a decoded "%3F" or "%23" would change the URL's meaning.
+        raw_path = (request.scope.get("raw_path") or path.encode()).decode("latin-1")
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        url = URL(self.settings.service_url(service) + raw_path + (f"?{query}" if query else ""), encoded=True)
         headers[CORRELATION_HEADER] = get_correlation_id() or ""
         client_host = request.client.host if request.client else ""
         prior = request.headers.get("x-forwarded-for")
         headers["x-forwarded-for"] = f"{prior}, {client_host}" if prior else client_host
         body = await request.body()
         try:
-            upstream = await self.client.request(
-                request.method, url, params=str(request.query_params), headers=headers, content=body
-            )
-        except httpx.TimeoutException:
+            async with self.session.request(
+                request.method, url, headers=headers, data=body or None, allow_redirects=False
+            ) as upstream:
+                content = await upstream.read()
+                status = upstream.status
+                passed = {
+                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | OWN_RESPONSE_HEADERS
+                }
+        except TimeoutError:
             log.warning("upstream_timeout", service=service, path=request.url.path)
             raise GatewayTimeout(
                 f"the {service} service did not answer in time", details={"service": service}
             ) from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             log.warning("upstream_unreachable", service=service, path=request.url.path, error=str(exc))
             raise BadGateway(f"the {service} service is unavailable", details={"service": service}) from None
-        passed = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | OWN_RESPONSE_HEADERS}
-        return Response(content=upstream.content, status_code=upstream.status_code, headers=passed)
+        return Response(content=content, status_code=status, headers=passed)
 
     async def fetch_json(self, service: str, path: str, wait_seconds: float = 3.0) -> dict[str, Any] | None:
         headers = sign_internal(self.settings.hmac_key_bytes(), "GET", path, GATEWAY_PRINCIPAL)
         try:
-            response = await self.client.get(
-                self.settings.service_url(service) + path, headers=headers, timeout=wait_seconds
-            )
-            data = response.json()
-        except (httpx.HTTPError, ValueError):
+            async with self.session.get(
+                self.settings.service_url(service) + path,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=wait_seconds),
+            ) as response:
+                data = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
         return data if isinstance(data, dict) else None
 
     async def readiness(self) -> dict[str, dict[str, Any]]:
         async def one(service: str) -> tuple[str, dict[str, Any]]:
             try:
-                response = await self.client.get(self.settings.service_url(service) + "/readyz", timeout=3.0)
-            except httpx.HTTPError as exc:
+                async with self.session.get(
+                    self.settings.service_url(service) + "/readyz", timeout=aiohttp.ClientTimeout(total=3.0)
+                ) as response:
+                    status = response.status
+                    body = await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 return service, {"status": "unreachable", "detail": type(exc).__name__}
-            if response.status_code == 200:
+            if status == 200:
                 return service, {"status": "ready"}
-            return service, {"status": "not_ready", "detail": _safe_json(response)}
+            return service, {"status": "not_ready", "detail": _safe_json(body)}
 
         results = await asyncio.gather(*(one(s) for s in SERVICES))
         return dict(results)
@@ -138,11 +156,11 @@ class Upstreams:
         return merged
 
 
-def _safe_json(response: httpx.Response) -> Any:
+def _safe_json(body: bytes) -> Any:
     try:
-        return response.json()
+        return json.loads(body)
     except ValueError:
-        return response.text[:200]
+        return body[:200].decode("utf-8", "replace")
 
 
 def merge_specs(own: dict[str, Any], services: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
