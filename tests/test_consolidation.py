@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from pathlib import Path
 
 import pytest
@@ -48,7 +48,9 @@ def tick(source: str, price: Decimal, volume: Decimal | None, *, age: float = 0.
 
 
 def vwap(quotes: list[tuple[Decimal, Decimal]]) -> Decimal:
-    return sum((p * v for p, v in quotes), Decimal(0)) / sum((v for _, v in quotes), Decimal(0))
+    """Volume-weighted mean, published with 15 significant digits (half-even) as the README states."""
+    mean = sum((p * v for p, v in quotes), Decimal(0)) / sum((v for _, v in quotes), Decimal(0))
+    return Context(prec=15, rounding=ROUND_HALF_EVEN).plus(mean)
 
 
 @pytest.fixture
@@ -102,6 +104,21 @@ async def test_a_tenfold_outlier_does_not_move_the_price(pricing, db, exchange_f
     assert row["price"] == vwap(list(quotes.values()))
     assert (await statuses(db))["okx"] == "outlier"
     assert row["sources_used"] == 3
+
+
+async def test_an_honest_venue_close_to_two_identical_ones_is_not_an_outlier(pricing, db, exchange_fixtures):
+    price, volume = recorded_btc_usd(exchange_fixtures)["coinbase"]
+    service = pricing()
+    # Two venues a cent apart make the MAD a cent; a third 0.1% away must still count.
+    await service.apply_ticks(
+        [
+            tick("a", price, volume),
+            tick("b", price + Decimal("0.01"), volume),
+            tick("c", price * Decimal("1.001"), volume),
+        ]
+    )
+    assert set((await statuses(db)).values()) == {"used"}
+    assert (await consolidated(db))["sources_used"] == 3
 
 
 async def test_equal_quotes_give_that_quote(pricing, db, exchange_fixtures):
@@ -188,8 +205,8 @@ async def test_fiat_prices_are_derived_through_ecb_rates(pricing, db, exchange_f
     usd = (await consolidated(db))["price"]
     gbp = await consolidated(db, vs="GBP")
     eur = await consolidated(db, vs="EUR")
-    assert abs(gbp["price"] - usd * rates["GBP"] / rates["USD"]) < Decimal("1e-18")
-    assert abs(eur["price"] - usd / rates["USD"]) < Decimal("1e-18")
+    assert abs(gbp["price"] - usd * rates["GBP"] / rates["USD"]) <= usd * Decimal("1e-14")
+    assert abs(eur["price"] - usd / rates["USD"]) <= usd * Decimal("1e-14")
     assert "ECB" in gbp["method"]
 
 
@@ -237,4 +254,4 @@ async def test_parity_prices_restated_through_ecb_are_stored(pricing, db, exchan
     await service.apply_ticks([tick("binance", price, volume, quote="USDT")])
     eur = await consolidated(db, vs="EUR")
     assert eur["method"].endswith("stablecoin=parity;via=USD*ECB")
-    assert abs(eur["price"] - price / rates["USD"]) < Decimal("1e-18")
+    assert abs(eur["price"] - price / rates["USD"]) <= price * Decimal("1e-14")

@@ -7,10 +7,12 @@
    keep talking; REST polls are slower), or when its exchange timestamp is further from its arrival than
    the allowed clock skew. Stale quotes do not vote.
 3. Outliers are rejected with the median absolute deviation: a quote further than 2.5 scaled MADs from
-   the median is dropped. When MAD is 0 (most quotes identical) a quote more than 10% off the median is
+   the median is dropped, the scale never counting below 0.25% of the median (so quotes within 0.625% of
+   it are never outliers). When MAD is 0 (most quotes identical) a quote more than 10% off the median is
    dropped instead. With fewer than three quotes no rejection is possible.
 4. The price is the mean of the remaining quotes weighted by their 24h base volume (equal weights when
-   no volume is known). Fewer fresh votes than the quorum makes the result ``stale``.
+   no volume is known), published with 15 significant digits (half-even). Fewer fresh votes than the
+   quorum makes the result ``stale``.
 5. Currencies with no market of their own (most fiat) are derived from the USD price through the latest
    ECB reference rates.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Context, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
 from shared.models import SourceQuote
@@ -30,7 +32,12 @@ USD_STABLECOINS = frozenset({"USDT", "USDC", "BUSD", "TUSD", "USDP", "DAI", "FDU
 MAD_THRESHOLD = Decimal("2.5")
 MAD_SCALE = Decimal("1.4826")  # makes the MAD a consistent estimator of the standard deviation
 ZERO_MAD_TOLERANCE = Decimal("0.1")
+# The MAD's scale never counts below 0.25% of the median: with three venues, two nearly identical quotes
+# would otherwise make an honest third one 0.1% away an "outlier".
+MIN_SCALE_FRACTION = Decimal("0.0025")
 PRICE_CONTEXT = Context(prec=28)
+# Published prices keep 15 significant digits (half-even): far below any market's tick size.
+OUTPUT_CONTEXT = Context(prec=15, rounding=ROUND_HALF_EVEN)
 METHOD = "vwap-mad2.5"
 
 
@@ -137,7 +144,8 @@ def consolidate(
     if len(pool) < 3:
         kept = list(pool)
     elif mad > 0:
-        kept = [q for q in pool if abs(q.price - centre) / (MAD_SCALE * mad) <= MAD_THRESHOLD]
+        scale = max(MAD_SCALE * mad, centre * MIN_SCALE_FRACTION)
+        kept = [q for q in pool if abs(q.price - centre) / scale <= MAD_THRESHOLD]
     else:
         kept = [q for q in pool if abs(q.price - centre) <= centre * ZERO_MAD_TOLERANCE]
     for q in pool:
@@ -148,7 +156,8 @@ def consolidate(
     weighted = sum((q.price * w for q, w in zip(kept, weights, strict=True)), Decimal(0))
     # A weighted mean lies within its inputs; clamping removes rounding residue (equal quotes give that quote).
     kept_prices = [q.price for q in kept]
-    price = min(max(PRICE_CONTEXT.divide(weighted, sum(weights, Decimal(0))), min(kept_prices)), max(kept_prices))
+    mean = PRICE_CONTEXT.divide(weighted, sum(weights, Decimal(0)))
+    price = OUTPUT_CONTEXT.plus(min(max(mean, min(kept_prices)), max(kept_prices)))
     volumes = [q.volume for q in kept if q.volume is not None]
     used = len(kept) if fresh else 0
     return Consolidated(
@@ -217,7 +226,7 @@ def derive_fiat(usd: Consolidated, vs: str, fiat_per_eur: Mapping[str, Decimal])
     return Consolidated(
         base=usd.base,
         vs=vs,
-        price=PRICE_CONTEXT.multiply(usd.price, factor),
+        price=OUTPUT_CONTEXT.plus(PRICE_CONTEXT.multiply(usd.price, factor)),
         volume_24h=usd.volume_24h,
         status=usd.status,
         sources_used=usd.sources_used,
