@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.logging import get_correlation_id, new_correlation_id, set_correlation_id
+from shared.settings import Settings
 
 log = structlog.get_logger("streams")
 
@@ -157,6 +158,34 @@ class StreamConsumer:
         self.failed = 0
         self.dead_lettered = 0
         self._last_reclaim = 0.0
+
+    @classmethod
+    def configured(
+        cls,
+        redis: Redis,
+        settings: Settings,
+        *,
+        stream: str,
+        group: str,
+        handle_one: MessageHandler,
+        handle_batch: BatchHandler | None = None,
+        consumer: str | None = None,
+        batch_size: int | None = None,
+    ) -> StreamConsumer:
+        """A consumer with the deployment's stream settings (namespace, budgets, reclaim delay)."""
+        return cls(
+            redis,
+            namespace=settings.redis_namespace,
+            stream=stream,
+            group=group,
+            consumer=consumer or default_consumer_name(group),
+            handle_one=handle_one,
+            handle_batch=handle_batch,
+            batch_size=batch_size or settings.stream_batch_size,
+            claim_idle_ms=settings.stream_claim_idle_ms,
+            max_deliveries=settings.stream_max_deliveries,
+            dlq_maxlen=settings.stream_maxlen,
+        )
 
     async def ensure_group(self) -> None:
         try:

@@ -6,7 +6,7 @@ from redis.asyncio import Redis
 
 from services.conversion.service import ConversionService
 from shared.settings import Settings
-from shared.streams import PRICES_STREAM, PoisonMessage, StreamConsumer, StreamMessage, default_consumer_name
+from shared.streams import PRICES_STREAM, PoisonMessage, StreamConsumer, StreamMessage
 
 GROUP = "conversion"
 
@@ -29,16 +29,12 @@ def price_consumer(
         await service.apply_prices([_payload(m) for m in messages])
         await service.maybe_snapshot_on_change()
 
-    return StreamConsumer(
+    return StreamConsumer.configured(
         redis,
-        namespace=settings.redis_namespace,
+        settings,
         stream=PRICES_STREAM,
         group=GROUP,
-        consumer=consumer or default_consumer_name("conversion"),
+        consumer=consumer,
         handle_one=handle_one,
         handle_batch=handle_batch,
-        batch_size=settings.stream_batch_size,
-        claim_idle_ms=settings.stream_claim_idle_ms,
-        max_deliveries=settings.stream_max_deliveries,
-        dlq_maxlen=settings.stream_maxlen,
     )

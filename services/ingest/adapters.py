@@ -140,21 +140,29 @@ def _ts(ms: object, fallback: datetime) -> datetime:
     return fallback
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date (RFC 9110)."""
-    if value is None or not value.strip():
+# An hour-long ban is plausible; a header asking for more than a day is a broken server, not a plan.
+MAX_RETRY_AFTER_SECONDS = 86_400.0
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date, RFC 9110); None when absent
+    or unreadable. Shared by every HTTP source of ingest (exchanges through ccxt, CoinGecko)."""
+    if not value or not value.strip():
         return None
+    value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 MarketsHow = Literal["ccxt", "bitstamp_pairs_info", "pair_map"]

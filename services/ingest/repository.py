@@ -6,11 +6,15 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+import structlog
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from shared.db import transaction
 from shared.models import Coin, ErrorLog
+
+log = structlog.get_logger("ingest")
 
 
 async def record_error(
@@ -48,3 +52,13 @@ async def active_coins(session: AsyncSession) -> list[str]:
         select(Coin.symbol).where(Coin.active.is_(True)).order_by(Coin.added_at, Coin.symbol)
     )
     return list(result.all())
+
+
+async def log_source_error(sessions: async_sessionmaker[AsyncSession], *, source: str, kind: str, message: str) -> None:
+    """Write one error-log row in a transaction of its own: a source failure is its own unit of work, and a
+    database outage while logging it is itself only logged (the runner must keep going)."""
+    try:
+        async with transaction(sessions) as session:
+            await record_error(session, source=source, kind=kind, message=message)
+    except Exception as exc:
+        log.warning("error_log_unavailable", source=source, error=str(exc))

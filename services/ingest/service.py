@@ -211,11 +211,7 @@ class SourceRunner:
         return delay
 
     async def _record_error(self, kind: str, message: str) -> None:
-        try:
-            async with transaction(self.sessions) as session:
-                await repository.record_error(session, source=self.source.name, kind=kind, message=message)
-        except Exception as exc:
-            log.warning("error_log_unavailable", source=self.source.name, error=str(exc))
+        await repository.log_source_error(self.sessions, source=self.source.name, kind=kind, message=message)
 
     async def _save_health(self) -> None:
         try:

@@ -65,7 +65,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ingest import repository
 from services.ingest.adapters import PREFERRED_QUOTES, CcxtRestSource, SourceError, our_symbol, tick_id
-from shared.db import transaction
 from shared.messages import TickMessage, to_decimal
 from shared.settings import Settings
 from shared.streams import TICKS_STREAM, StreamPublisher
@@ -829,11 +828,7 @@ class WebsocketRunner:
         self.health.errors[kind] = self.health.errors.get(kind, 0) + 1
 
     async def _record_error(self, kind: str, message: str) -> None:
-        try:
-            async with transaction(self.sessions) as session:
-                await repository.record_error(session, source=self.source.name, kind=kind, message=message)
-        except Exception as exc:
-            log.warning("error_log_unavailable", source=self.source.name, error=str(exc))
+        await repository.log_source_error(self.sessions, source=self.source.name, kind=kind, message=message)
 
     async def _save_health(self, *, force: bool = False) -> None:
         if not force and not self._health_throttle.ready():

@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 from services.pricing.service import PricingService
 from shared.messages import TickMessage
 from shared.settings import Settings
-from shared.streams import TICKS_STREAM, StreamConsumer, StreamMessage, default_consumer_name
+from shared.streams import TICKS_STREAM, StreamConsumer, StreamMessage
 
 GROUP = "pricing"
 
@@ -23,16 +23,12 @@ def tick_consumer(
         # dead-lettering only that entry.
         await service.apply_ticks([TickMessage.from_json(m.fields.get("data")) for m in messages])
 
-    return StreamConsumer(
+    return StreamConsumer.configured(
         redis,
-        namespace=settings.redis_namespace,
+        settings,
         stream=TICKS_STREAM,
         group=GROUP,
-        consumer=consumer or default_consumer_name("pricing"),
+        consumer=consumer,
         handle_one=handle_one,
         handle_batch=handle_batch,
-        batch_size=settings.stream_batch_size,
-        claim_idle_ms=settings.stream_claim_idle_ms,
-        max_deliveries=settings.stream_max_deliveries,
-        dlq_maxlen=settings.stream_maxlen,
     )

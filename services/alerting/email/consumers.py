@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from services.alerting.email.service import EmailSender, EmailUnconfigured
 from shared.settings import Settings
-from shared.streams import EMAILS_STREAM, PoisonMessage, StreamConsumer, StreamMessage, default_consumer_name
+from shared.streams import EMAILS_STREAM, PoisonMessage, StreamConsumer, StreamMessage
 
 log = structlog.get_logger("alerting.email")
 SENT_TTL_SECONDS = 7 * 24 * 3600
@@ -20,16 +20,8 @@ class EmailConsumer:
         self.settings = settings
         self.redis = redis
         self.sender = sender
-        self.consumer = StreamConsumer(
-            redis,
-            namespace=settings.redis_namespace,
-            stream=EMAILS_STREAM,
-            group="alerting-email",
-            consumer=default_consumer_name("alerting-email"),
-            handle_one=self.handle,
-            batch_size=50,
-            claim_idle_ms=settings.stream_claim_idle_ms,
-            max_deliveries=settings.stream_max_deliveries,
+        self.consumer = StreamConsumer.configured(
+            redis, settings, stream=EMAILS_STREAM, group="alerting-email", handle_one=self.handle, batch_size=50
         )
 
     async def handle(self, message: StreamMessage) -> None:

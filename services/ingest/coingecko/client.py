@@ -8,19 +8,18 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
+
+from services.ingest.adapters import parse_retry_after
 
 DEFAULT_REST_URL = "https://api.coingecko.com/api/v3"
 # /coins/markets answers at most 250 rows a page; asking for more ids than that in one call loses rows.
 MAX_IDS_PER_CALL = 250
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # A Retry-After beyond a day is treated as a day: a broken header must not silence the source for good.
-MAX_RETRY_AFTER_SECONDS = 86_400.0
 USER_AGENT = "coinlytics/0.1 (+self-hosted market data)"
 
 
@@ -44,26 +43,6 @@ class MarketRow:
     circulating_supply: Decimal | None
     total_supply: Decimal | None
     market_cap_rank: int | None
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def _number(value: Any, *, positive: bool = False) -> Decimal | None:

@@ -237,11 +237,7 @@ class CoinGeckoRefresher:
         await self._save_health()
 
     async def _record_error(self, kind: str, message: str) -> None:
-        try:
-            async with transaction(self.sessions) as session:
-                await ingest_repository.record_error(session, source=SOURCE, kind=kind, message=message)
-        except Exception as exc:
-            log.warning("error_log_unavailable", source=SOURCE, error=str(exc))
+        await ingest_repository.log_source_error(self.sessions, source=SOURCE, kind=kind, message=message)
 
     async def _save_health(self) -> None:
         try:
