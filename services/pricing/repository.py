@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -71,14 +72,32 @@ async def upsert_source_quotes(session: AsyncSession, ticks: Iterable[TickMessag
         }
         for t in latest.values()
     ]
-    stmt = insert(SourceQuote).values(rows)
-    changed = {c: stmt.excluded[c] for c in rows[0] if c not in ("source", "base", "quote", "status")}
-    stmt = stmt.on_conflict_do_update(
+    # Parameters passed separately (executemany): the statement compiles once and is cached, and
+    # SQLAlchemy batches the rows into multi-row VALUES itself. Inlining them with .values(rows) cost a
+    # fresh compile of thousands of bind parameters per batch.
+    await session.execute(_QUOTE_UPSERT, rows)
+
+
+def _quote_upsert() -> Any:
+    stmt = insert(SourceQuote)
+    keys = ("source", "base", "quote", "status")
+    return stmt.on_conflict_do_update(
         index_elements=[SourceQuote.source, SourceQuote.base, SourceQuote.quote],
-        set_=changed,
+        set_={c.name: stmt.excluded[c.name] for c in SourceQuote.__table__.columns if c.name not in keys},
         where=stmt.excluded.exchange_ts > SourceQuote.exchange_ts,
     )
-    await session.execute(stmt)
+
+
+def _price_upsert() -> Any:
+    stmt = insert(Price)
+    return stmt.on_conflict_do_update(
+        index_elements=[Price.base, Price.vs],
+        set_={c.name: stmt.excluded[c.name] for c in Price.__table__.columns if c.name not in ("base", "vs")},
+    )
+
+
+_QUOTE_UPSERT = _quote_upsert()
+_PRICE_UPSERT = _price_upsert()
 
 
 async def load_quotes(session: AsyncSession, bases: Iterable[str]) -> list[SourceQuote]:
@@ -146,12 +165,7 @@ async def tracked_symbols(session: AsyncSession) -> list[str]:
 async def upsert_prices(session: AsyncSession, prices: Sequence[dict[str, object]]) -> None:
     if not prices:
         return
-    stmt = insert(Price).values(list(prices))
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Price.base, Price.vs],
-        set_={c: stmt.excluded[c] for c in prices[0] if c not in ("base", "vs")},
-    )
-    await session.execute(stmt)
+    await session.execute(_PRICE_UPSERT, list(prices))
 
 
 async def get_prices(session: AsyncSession, bases: Iterable[str], vs: Iterable[str]) -> list[Price]:

@@ -26,32 +26,38 @@ async def upsert_live_candles(session: AsyncSession, rows: Sequence[dict[str, An
     ``open``/``close`` only move for a point that is strictly earlier/later than the stored first/last one,
     high/low only widen, so applying the same points again is a no-op (the WHERE clause skips the write).
     Candles loaded from an exchange are left as they are."""
-    for start in range(0, len(rows), INSERT_CHUNK):
-        chunk = list(rows[start : start + INSERT_CHUNK])
-        stmt = insert(Candle).values(chunk)
-        new = stmt.excluded
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Candle.base, Candle.vs, Candle.interval, Candle.t],
-            set_={
-                "open": case((new.first_ts < Candle.first_ts, new.open), else_=Candle.open),
-                "first_ts": func.least(Candle.first_ts, new.first_ts),
-                "close": case((new.last_ts > Candle.last_ts, new.close), else_=Candle.close),
-                "last_ts": func.greatest(Candle.last_ts, new.last_ts),
-                "high": func.greatest(Candle.high, new.high),
-                "low": func.least(Candle.low, new.low),
-                "updated_at": func.now(),
-            },
-            where=and_(
-                Candle.source == new.source,
-                or_(
-                    new.first_ts < Candle.first_ts,
-                    new.last_ts > Candle.last_ts,
-                    new.high > Candle.high,
-                    new.low < Candle.low,
-                ),
+    if rows:
+        # executemany with one cached statement: SQLAlchemy batches the rows into multi-row VALUES.
+        await session.execute(_LIVE_CANDLE_UPSERT, list(rows))
+
+
+def _live_candle_upsert() -> Any:
+    stmt = insert(Candle)
+    new = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=[Candle.base, Candle.vs, Candle.interval, Candle.t],
+        set_={
+            "open": case((new.first_ts < Candle.first_ts, new.open), else_=Candle.open),
+            "first_ts": func.least(Candle.first_ts, new.first_ts),
+            "close": case((new.last_ts > Candle.last_ts, new.close), else_=Candle.close),
+            "last_ts": func.greatest(Candle.last_ts, new.last_ts),
+            "high": func.greatest(Candle.high, new.high),
+            "low": func.least(Candle.low, new.low),
+            "updated_at": func.now(),
+        },
+        where=and_(
+            Candle.source == new.source,
+            or_(
+                new.first_ts < Candle.first_ts,
+                new.last_ts > Candle.last_ts,
+                new.high > Candle.high,
+                new.low < Candle.low,
             ),
-        )
-        await session.execute(stmt)
+        ),
+    )
+
+
+_LIVE_CANDLE_UPSERT = _live_candle_upsert()
 
 
 def _level_sql(level: str) -> str:
