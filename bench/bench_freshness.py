@@ -78,19 +78,19 @@ class LoopingFeed:
         return ws
 
     async def _play(self, ws: web.WebSocketResponse) -> None:
-        step = 0.01
-        per_step = self.rate * step
-        owed = 0.0
+        # Paced by the clock, not by sleep counts: a busy loop oversleeps, and the rate must still hold.
+        started = time.monotonic()
+        played = 0
         index = 0
         while not ws.closed:
-            owed += per_step
-            while owed >= 1 and not ws.closed:
+            due = int((time.monotonic() - started) * self.rate)
+            while played < due and not ws.closed:
                 frame = self.frames[index % len(self.frames)]
                 index += 1
                 await ws.send_str(restamp(self.source, frame, datetime.now(UTC)))
                 self.sent += 1
-                owed -= 1
-            await asyncio.sleep(step)
+                played += 1
+            await asyncio.sleep(0.005)
 
     async def start(self) -> None:
         app = web.Application()
