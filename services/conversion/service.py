@@ -49,6 +49,8 @@ SNAPSHOT_WINDOW = timedelta(minutes=15)
 SNAPSHOT_MIN_INTERVAL_SECONDS = 60
 STABLE_REFRESH_SECONDS = 2.0
 ROUTE_MEMO_SECONDS = 5.0
+# A rate change reaches requests within this delay; under load it saves a Redis round trip per request.
+VERSION_CHECK_SECONDS = 0.05
 CANDLE_INTERVALS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 SNAPSHOT_BASE = "USD"
 
@@ -155,18 +157,23 @@ class ConversionService:
         self.cache = RateCache(redis, settings)
         self._table: RateTable | None = None
         self._table_built = 0.0
+        self._version_checked = 0.0
         self._rebuild_lock = asyncio.Lock()
         self._stable_at = 0.0
 
     # --- the cached table ---------------------------------------------------------------------------
 
     async def table(self) -> RateTable:
-        """The current table: one Redis GET per call; rebuilt locally only when the version moved."""
+        """The current table: its version is checked in Redis at most every VERSION_CHECK_SECONDS (a burst of
+        requests shares one check), and the table is rebuilt locally only when the version moved."""
+        loop = asyncio.get_running_loop()
+        if self._table is not None and loop.time() - self._version_checked < VERSION_CHECK_SECONDS:
+            return self._table
+        self._version_checked = loop.time()
         version = await self.cache.version()
         if version is None:
             await self.rebuild()
             version = await self.cache.version()
-        loop = asyncio.get_running_loop()
         current = self._table
         # Freshness depends on the clock too, so a table is re-derived every few seconds even unchanged.
         if current is None or current.version != version or loop.time() - self._table_built > ROUTE_MEMO_SECONDS:
