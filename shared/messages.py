@@ -87,3 +87,19 @@ class TickMessage(BaseModel):
 
 def _problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()[:5])
+
+
+def price_event(row: Any) -> dict[str, Any]:
+    """A consolidated price as published on the prices stream and kept in caches; built from pricing's
+    result or from a stored ``prices`` row, so producers and readers agree on one shape."""
+    return {
+        "base": row.base,
+        "vs": row.vs,
+        "price": str(row.price),
+        "volume_24h": None if row.volume_24h is None else str(row.volume_24h),
+        "status": row.status,
+        "sources_used": row.sources_used,
+        "sources_total": row.sources_total,
+        "method": row.method,
+        "last_updated": row.last_updated.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+    }

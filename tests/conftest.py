@@ -127,6 +127,18 @@ async def db(clean_db: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+async def sessions(settings: Settings) -> AsyncIterator[Any]:
+    """An async session factory on the test database, for building services the way their apps do."""
+    from shared.db import create_engine, session_factory
+
+    engine = create_engine(settings.require_database_url())
+    try:
+        yield session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
 def namespace() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 

@@ -27,7 +27,7 @@ from services.pricing.history.service import (
     roll_up,
 )
 from services.pricing.service import PriceCache, PricingService
-from shared.db import create_engine, session_factory, transaction
+from shared.db import transaction
 from shared.messages import TickMessage
 from shared.settings import Settings
 from shared.streams import StreamPublisher
@@ -98,15 +98,6 @@ async def stored_candles(db: Any, interval: str = "1m") -> dict[datetime, tuple[
         interval,
     )
     return {r["t"]: (r["open"], r["high"], r["low"], r["close"]) for r in rows}
-
-
-@pytest.fixture
-async def sessions(settings: Settings) -> AsyncIterator[Any]:
-    engine = create_engine(settings.require_database_url())
-    try:
-        yield session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ recorded payloads (cut short, a price replaced) or are bare HTTP statuses."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,7 +19,6 @@ from redis.asyncio import Redis
 
 from services.ingest.adapters import CcxtRestSource, pair_map_markets
 from services.ingest.service import BAN_BACKOFF_SECONDS, IngestService, SourceRunner, health_key, parse_health
-from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
 from shared.settings import Settings
 from shared.streams import TICKS_STREAM, StreamPublisher
@@ -250,15 +249,6 @@ async def test_extra_exchange_enabled_by_name_only(replay, exchange_fixtures):
 
 
 # --- faults, through the runner that publishes and keeps health --------------------------------------------------
-
-
-@pytest.fixture
-async def sessions(settings: Settings) -> AsyncIterator[Any]:
-    engine = create_engine(settings.require_database_url())
-    try:
-        yield session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

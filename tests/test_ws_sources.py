@@ -33,7 +33,6 @@ from services.ingest.websocket import (
     protocol_for,
     ws_url,
 )
-from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
 from shared.settings import Settings
 from shared.streams import StreamPublisher
@@ -208,15 +207,6 @@ def ws_server_for(name: str, fixtures: Path, frames: list[str] | None = None) ->
         greeting=[(fixtures / g).read_text() for g in spec.greeting],
         pongs={"ping": "pong", json.dumps({"event": "ping"}): json.dumps({"event": "pong"})},
     )
-
-
-@pytest.fixture
-async def sessions(settings: Settings) -> AsyncIterator[Any]:
-    engine = create_engine(settings.require_database_url())
-    try:
-        yield session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

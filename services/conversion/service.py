@@ -36,6 +36,7 @@ from services.conversion.rates import (
 )
 from shared.db import transaction
 from shared.errors import NoFreshData, NotFound, UnknownCurrency, ValidationFailed
+from shared.messages import price_event
 from shared.settings import Settings
 
 log = structlog.get_logger("conversion")
@@ -192,7 +193,7 @@ class ConversionService:
                 coins = await repository.tracked_coins(session)
             fields: dict[str, Any] = {"coins": sorted(coins)}
             for p in prices:
-                payload = price_doc(p)
+                payload = price_event(p)
                 if not is_derived(payload):
                     fields[f"price:{p.base}/{p.vs}"] = payload
             fields.update(self._stable_fields(prices, quotes))
@@ -524,19 +525,6 @@ def _weekend_notes(route: Route, at: datetime) -> list[str]:
         )
         break
     return notes
-
-
-def price_doc(p: Any) -> dict[str, Any]:
-    return {
-        "base": p.base,
-        "vs": p.vs,
-        "price": str(p.price),
-        "volume_24h": None if p.volume_24h is None else str(p.volume_24h),
-        "status": p.status,
-        "sources_used": p.sources_used,
-        "method": p.method,
-        "last_updated": iso(p.last_updated),
-    }
 
 
 def fiat_doc(day: date, fetched_at: datetime | None, rates: dict[str, Decimal]) -> dict[str, Any]:

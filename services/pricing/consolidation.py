@@ -25,6 +25,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
+from shared.messages import price_event
 from shared.models import SourceQuote
 from shared.settings import Settings
 
@@ -86,22 +87,7 @@ class Consolidated:
         }
 
     def payload(self) -> dict[str, Any]:
-        return price_payload(self)
-
-
-def price_payload(row: Any) -> dict[str, Any]:
-    """The stream and cache form of a consolidated price (a ``Consolidated`` or a ``Price`` row)."""
-    return {
-        "base": row.base,
-        "vs": row.vs,
-        "price": str(row.price),
-        "volume_24h": None if row.volume_24h is None else str(row.volume_24h),
-        "status": row.status,
-        "sources_used": row.sources_used,
-        "sources_total": row.sources_total,
-        "method": row.method,
-        "last_updated": row.last_updated.isoformat().replace("+00:00", "Z"),
-    }
+        return price_event(self)
 
 
 def vs_of(quote: str) -> str:

@@ -16,11 +16,11 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.pricing import repository
-from services.pricing.consolidation import USD_STABLECOINS, consolidate_all, price_payload
+from services.pricing.consolidation import USD_STABLECOINS, consolidate_all
 from services.pricing.history.service import record_consolidated
 from shared.db import transaction
 from shared.hmac_sign import pack_signed, unpack_signed
-from shared.messages import TickMessage
+from shared.messages import TickMessage, price_event
 from shared.settings import Settings
 from shared.streams import PRICES_STREAM, StreamPublisher
 
@@ -144,7 +144,7 @@ class PricingService:
         if missing:
             async with transaction(self.sessions) as session:
                 rows = await repository.get_prices(session, {b for b, _ in missing}, {v for _, v in missing})
-            rebuilt = [price_payload(r) for r in rows if (r.base, r.vs) in set(missing)]
+            rebuilt = [price_event(r) for r in rows if (r.base, r.vs) in set(missing)]
             await self.cache.put(rebuilt)
             found.update({(p["base"], p["vs"]): p for p in rebuilt})
         return found
