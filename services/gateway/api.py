@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from services.gateway.guard import resolve
 from services.gateway.schemas import StatusOut
@@ -84,10 +85,8 @@ async def reset_password_page() -> HTMLResponse:
     return HTMLResponse(RESET_PAGE, headers={"Cache-Control": "no-store"})
 
 
-@router.api_route(
-    "/api/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False
-)
-async def forward(path: str, request: Request) -> Response:
+async def forward(request: Request) -> Response:
+    path: str = request.path_params["path"]
     allowed = _own_methods(request)
     if allowed:
         # One of the gateway's own paths, asked with another method.
@@ -114,13 +113,18 @@ def _own_methods(request: Request) -> set[str]:
 
 
 def own_routes(*routers: APIRouter) -> list[APIRoute]:
-    """The gateway's own documented routes (not the forwarding catch-all), for 405 answers."""
-    return [
-        route
-        for r in routers
-        for route in r.routes
-        if isinstance(route, APIRoute) and route.path != "/api/v1/{path:path}"
-    ]
+    """The gateway's own documented routes, for 405 answers."""
+    return [route for r in routers for route in r.routes if isinstance(route, APIRoute)]
+
+
+# A plain Starlette route, not a FastAPI one: forwarding needs no parameter parsing or dependency solving,
+# and it is the gateway's hot path. It goes last, after every documented route.
+FORWARD_ROUTE = Route(
+    "/api/v1/{path:path}",
+    forward,
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    include_in_schema=False,
+)
 
 
 RESET_PAGE = """<!doctype html>

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.gateway import security
-from services.gateway.api import own_routes, router
+from services.gateway.api import FORWARD_ROUTE, own_routes, router
 from services.gateway.auth.api import router as auth_router
 from services.gateway.auth.service import AuthService
 from services.gateway.ratelimit import SlidingWindowLimiter
@@ -40,11 +40,12 @@ def create_app(settings: Settings) -> FastAPI:
         settings,
         title="Coinlytics API",
         description="The public API of Coinlytics.",
-        # Accounts first: the forwarding catch-all in `router` must not shadow them.
+        # The forwarding catch-all is appended after these, so it never shadows a documented route.
         routers=[auth_router, router],
         lifespan=lifespan,
         serve_docs=False,
     )
     app.state.own_routes = own_routes(auth_router, router)
+    app.router.routes.append(FORWARD_ROUTE)
     security.install(app, settings)
     return app
