@@ -27,6 +27,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from bench.common import Figure, scratch_database
+from shared.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = [
@@ -44,15 +45,6 @@ TARGET_RATE = 500
 def _fixtures() -> Path:
     configured = os.environ.get("COINLYTICS_FIXTURES_DIR")
     return Path(configured) if configured else ROOT.parent / "shared" / "fixtures" / "exchanges"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _seed(database_url: str) -> None:
@@ -118,7 +110,7 @@ async def _wait_ok(session: aiohttp.ClientSession, url: str, process: subprocess
 
 @contextlib.asynccontextmanager
 async def _platform(database_url: str, redis_url: str) -> AsyncIterator[str]:
-    conversion_port, gateway_port = _free_port(), _free_port()
+    conversion_port, gateway_port = free_port(), free_port()
     env = {
         **os.environ,
         "COINLYTICS_ENV": "test",

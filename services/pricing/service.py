@@ -144,7 +144,8 @@ class PricingService:
         if missing:
             async with transaction(self.sessions) as session:
                 rows = await repository.get_prices(session, {b for b, _ in missing}, {v for _, v in missing})
-            rebuilt = [price_event(r) for r in rows if (r.base, r.vs) in set(missing)]
+            wanted = set(missing)
+            rebuilt = [price_event(r) for r in rows if (r.base, r.vs) in wanted]
             await self.cache.put(rebuilt)
             found.update({(p["base"], p["vs"]): p for p in rebuilt})
         return found
