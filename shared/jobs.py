@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -13,6 +12,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
 from shared.settings import Settings
+from shared.supervisor import Supervisor
 
 log = structlog.get_logger("jobs")
 
@@ -29,8 +29,8 @@ async def job_pool(settings: Settings) -> ArqRedis:
     return await create_pool(arq_redis_settings(settings))
 
 
-@asynccontextmanager
-async def run_worker(
+def supervise_worker(
+    supervisor: Supervisor,
     settings: Settings,
     service: str,
     *,
@@ -38,30 +38,46 @@ async def run_worker(
     cron_jobs: Sequence[Any] = (),
     ctx: dict[str, Any] | None = None,
     max_jobs: int = 4,
-) -> AsyncIterator[Worker]:
-    """An arq worker for ``service``'s queue as a task of the current event loop.
+) -> None:
+    """An arq worker for ``service``'s queue, run (and restarted when it fails) by the service's supervisor.
 
     Jobs get ``ctx`` (the service's resources) and must be idempotent: arq retries on failure and a
     cron run may repeat after a restart."""
-    worker = Worker(
-        functions=list(functions),
-        cron_jobs=list(cron_jobs) or None,
-        redis_settings=arq_redis_settings(settings),
-        queue_name=queue_name(settings, service),
-        ctx=dict(ctx or {}),
-        handle_signals=False,
-        max_jobs=max_jobs,
-        keep_result=3600,
-        health_check_key=queue_name(settings, service) + ":health",
-        poll_delay=0.5,
-    )
-    task = asyncio.create_task(worker.async_run(), name=f"arq:{service}")
-    log.info("job_worker_started", service=service, queue=queue_name(settings, service),
-             cron=[getattr(c, "name", str(c)) for c in cron_jobs])  # fmt: skip
-    try:
-        yield worker
-    finally:
-        await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    if not functions and not cron_jobs:
+        return  # arq refuses a worker with nothing to run
+
+    async def run(stop: asyncio.Event) -> None:
+        worker = Worker(
+            functions=list(functions),
+            cron_jobs=list(cron_jobs) or None,
+            redis_settings=arq_redis_settings(settings),
+            queue_name=queue_name(settings, service),
+            ctx=dict(ctx or {}),
+            handle_signals=False,
+            max_jobs=max_jobs,
+            keep_result=3600,
+            health_check_key=queue_name(settings, service) + ":health",
+            poll_delay=0.5,
+        )
+        log.info("job_worker_started", service=service, queue=queue_name(settings, service),
+                 cron=[getattr(c, "name", str(c)) for c in cron_jobs])  # fmt: skip
+        main = asyncio.create_task(worker.async_run(), name=f"arq:{service}")
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not main.done():
+                await worker.close()
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await main
+            else:
+                with contextlib.suppress(Exception):
+                    await worker.close()
+        if main.done() and not main.cancelled() and not stop.is_set():
+            # arq's loop ended on its own (a Redis error it gave up on): the supervisor starts a new one.
+            main.result()
+            raise RuntimeError("the job worker stopped")
+
+    supervisor.start(f"jobs:{service}", run)

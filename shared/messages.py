@@ -101,5 +101,26 @@ def price_event(row: Any) -> dict[str, Any]:
         "sources_used": row.sources_used,
         "sources_total": row.sources_total,
         "method": row.method,
-        "last_updated": row.last_updated.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "last_updated": _utc_z(row.last_updated),
+        "fresh_until": None if row.fresh_until is None else _utc_z(row.fresh_until),
     }
+
+
+def _utc_z(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def effective_status(payload: dict[str, Any], now: datetime) -> str:
+    """A price event's status at ``now``: a "fresh" price past its ``fresh_until`` has lost its quorum of
+    fresh votes since it was computed, whatever the cache or the database still say."""
+    status = str(payload.get("status"))
+    until = payload.get("fresh_until")
+    if status != "fresh":
+        return status
+    if not until:
+        return "stale"  # no expiry recorded (an event from before it existed): not vouched for
+    try:
+        expires = datetime.fromisoformat(str(until).replace("Z", "+00:00"))
+    except ValueError:
+        return "stale"
+    return "fresh" if now <= expires else "stale"

@@ -104,6 +104,8 @@ class Price(Base):
     sources_total: Mapped[int] = mapped_column(Integer)
     method: Mapped[str] = mapped_column(String(120))
     last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Until when the quorum of fresh votes holds without new quotes (null while stale).
+    fresh_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ErrorLog(Base):
@@ -257,3 +259,15 @@ class UserActivity(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
 
     __table_args__ = (Index("ix_user_activity_user_id_id", "user_id", "id"),)
+
+
+class PriceOutbox(Base):
+    """Price events committed with the consolidation that produced them, until relayed to the prices stream:
+    a publish that fails after commit is retried from here, never lost."""
+
+    __tablename__ = "price_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    payload: Mapped[dict] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -23,10 +23,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import InternalAuthMiddleware
 from shared.db import create_engine, session_factory
+from shared.docs import install_docs
 from shared.errors import error_response, install_error_handlers
 from shared.logging import CorrelationIdMiddleware, configure_logging
+from shared.server_versions import UnsupportedServerError, ensure_supported_servers
 from shared.settings import SERVICE_PORTS, ConfigurationError, Settings, load_settings
 from shared.streams import StreamPublisher
+from shared.supervisor import Supervisor
 
 log = structlog.get_logger("service")
 
@@ -39,6 +42,8 @@ class Resources:
     redis: Redis
     publisher: StreamPublisher
     registry: CollectorRegistry
+    # Every long-running task of the service runs under it; /readyz reports what it knows.
+    supervisor: Supervisor
 
 
 def redis_client(url: str) -> Redis:
@@ -46,9 +51,12 @@ def redis_client(url: str) -> Redis:
 
 
 @asynccontextmanager
-async def open_resources(settings: Settings, registry: CollectorRegistry) -> AsyncIterator[Resources]:
+async def open_resources(
+    settings: Settings, registry: CollectorRegistry, service: str = "service"
+) -> AsyncIterator[Resources]:
     engine = create_engine(settings.require_database_url())
     redis = redis_client(settings.require_redis_url())
+    supervisor = Supervisor(service, registry)
     try:
         yield Resources(
             settings=settings,
@@ -57,8 +65,10 @@ async def open_resources(settings: Settings, registry: CollectorRegistry) -> Asy
             redis=redis,
             publisher=StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen),
             registry=registry,
+            supervisor=supervisor,
         )
     finally:
+        await supervisor.stop()
         await redis.aclose()
         await engine.dispose()
 
@@ -109,7 +119,10 @@ def ops_router() -> APIRouter:
     async def healthz(request: Request) -> dict[str, str]:
         return {"status": "ok", "service": request.app.state.service}
 
-    @router.get("/readyz", summary="Readiness: PostgreSQL and Redis reachable")
+    @router.get(
+        "/readyz",
+        summary="Readiness: PostgreSQL and Redis reachable, every background task running and not stalled",
+    )
     async def readyz(request: Request) -> JSONResponse:
         resources: Resources = request.app.state.resources
         checks: dict[str, str] = {}
@@ -126,9 +139,20 @@ def ops_router() -> APIRouter:
             checks["redis"] = "ok"
         except Exception as exc:
             checks["redis"] = f"unavailable: {type(exc).__name__}"
+        problems = await resources.supervisor.problems()
+        checks["tasks"] = "ok" if not problems else "; ".join(f"{name}: {why}" for name, why in problems.items())
         if all(v == "ok" for v in checks.values()):
-            return JSONResponse({"status": "ready", "service": request.app.state.service, "checks": checks})
-        return error_response(503, "not_ready", "a dependency is unavailable", checks, headers={"Retry-After": "5"})
+            return JSONResponse(
+                {
+                    "status": "ready",
+                    "service": request.app.state.service,
+                    "checks": checks,
+                    "tasks": resources.supervisor.describe(),
+                }
+            )
+        details = {**checks, "problems": problems, "tasks": resources.supervisor.describe()}
+        message = "a dependency is unavailable" if problems == {} else "a background task is down or stalled"
+        return error_response(503, "not_ready", message, details, headers={"Retry-After": "5"})
 
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
@@ -156,14 +180,31 @@ def build_service_app(
 
     @asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_resources(settings, registry) as resources:
+        async with open_resources(settings, registry, service) as resources:
             app.state.resources = resources
+            try:
+                versions = await ensure_supported_servers(resources.engine, resources.redis)
+            except UnsupportedServerError as exc:
+                log.error("unsupported_server", service=service, error=str(exc))
+                sys.stderr.write(f"{service}: cannot start: {exc}\n")
+                raise
+            except Exception as exc:  # unreachable now: readiness reports it, the tasks retry
+                log.warning("server_versions_not_checked", service=service, error=f"{type(exc).__name__}: {exc}")
+            else:
+                log.info("servers_supported", service=service, **versions)
             log.info("service_starting", service=service)
             if lifespan is None:
-                yield
+                try:
+                    yield
+                finally:
+                    await resources.supervisor.stop()
             else:
                 async with lifespan(app, resources):
-                    yield
+                    try:
+                        yield
+                    finally:
+                        # Background tasks end before the service's own clean-up closes what they use.
+                        await resources.supervisor.stop()
             log.info("service_stopping", service=service)
 
     app = FastAPI(
@@ -173,8 +214,9 @@ def build_service_app(
         lifespan=app_lifespan,
         openapi_tags=openapi_tags,
         openapi_url="/openapi.json" if serve_docs else None,
-        docs_url="/docs" if serve_docs else None,
-        redoc_url="/redoc" if serve_docs else None,
+        # The explorer pages are ours (shared/docs.py): FastAPI's own load their assets from a CDN.
+        docs_url=None,
+        redoc_url=None,
         # Decimals go out as JSON numbers (DecimalJSONResponse); the serialization-mode schema would call
         # them strings, the validation-mode one allows numbers.
         separate_input_output_schemas=False,
@@ -188,6 +230,8 @@ def build_service_app(
     app.add_middleware(MetricsMiddleware, registry=registry)
     app.add_middleware(CorrelationIdMiddleware)
     app.include_router(ops_router())
+    if serve_docs:
+        install_docs(app, openapi_url="/openapi.json", title=title)
     for router in routers:
         app.include_router(router)
     return app

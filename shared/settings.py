@@ -6,6 +6,7 @@ never at import time, so tests and the launcher can shape the environment first.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,6 +37,15 @@ SERVICE_PORTS = {
 
 class ConfigurationError(Exception):
     """Raised when configuration is unusable; the message says what to change."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve anywhere
 
 
 def _split_csv(value: object) -> object:
@@ -84,6 +94,9 @@ class Settings(BaseSettings):
     stream_max_deliveries: int = Field(default=5, ge=1)
     stream_claim_idle_ms: int = Field(default=30_000, ge=100)
     stream_batch_size: int = Field(default=500, ge=1)
+    # A consumer that completes no read, or whose oldest pending entry does not move, for this long is
+    # stalled: /readyz answers 503. Longer than a poison entry's way to the dead-letter stream.
+    stream_stall_seconds: float = Field(default=300.0, gt=0)
     min_fresh_sources: int = Field(default=2, ge=1)
     source_max_age_ws_seconds: float = Field(default=30, gt=0)
     source_max_age_rest_seconds: float = Field(default=120, gt=0)
@@ -127,6 +140,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     internal_auth_required: bool = True
     internal_auth_max_skew_seconds: int = Field(default=60, ge=1)
+    # Peers (IPs or CIDRs) whose X-Forwarded-For/-Proto the gateway believes; empty: nobody's.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # At most one password-reset mail per account in this many seconds (0: no limit).
+    password_reset_mail_interval_seconds: int = Field(default=300, ge=0)
 
     @field_validator("coins", "vs_currencies", mode="before")
     @classmethod
@@ -140,6 +157,24 @@ class Settings(BaseSettings):
     @classmethod
     def _plain_csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or CIDR range (e.g. 10.0.0.0/8); '*' is not accepted: "
+                    "list the proxies in front of the gateway"
+                ) from None
+        return value
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -172,12 +207,33 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_internal_auth(self) -> Settings:
+        if not self.internal_auth_required and self.env != "test":
+            raise ValueError(
+                f"COINLYTICS_INTERNAL_AUTH_REQUIRED=false is only accepted with COINLYTICS_ENV=test (it is "
+                f"{self.env}): without it anyone who reaches a service directly skips the gateway's checks"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_secrets(self) -> Settings:
         if self.env == "development":
             if self.jwt_secret is None:
                 self.jwt_secret = SecretStr(DEV_JWT_SECRET)
             if self.hmac_key is None:
                 self.hmac_key = SecretStr(DEV_HMAC_KEY)
+            if not _is_loopback(self.host):
+                placeholders = [
+                    f"COINLYTICS_{name.upper()}"
+                    for name in ("jwt_secret", "hmac_key")
+                    if getattr(self, name).get_secret_value().lower() in PLACEHOLDER_SECRETS
+                ]
+                if placeholders:
+                    raise ValueError(
+                        f"COINLYTICS_HOST={self.host} is reachable from other machines, so the development "
+                        f"placeholder {' and '.join(placeholders)} would let anyone forge tokens: set strong "
+                        "secrets or bind to 127.0.0.1"
+                    )
             return self
         for name in ("jwt_secret", "hmac_key"):
             secret: SecretStr | None = getattr(self, name)
@@ -209,6 +265,13 @@ class Settings(BaseSettings):
     def hmac_key_bytes(self) -> bytes:
         assert self.hmac_key is not None
         return self.hmac_key.get_secret_value().encode()
+
+    def purpose_key(self, purpose: str) -> bytes:
+        """A key for one use of ``COINLYTICS_HMAC_KEY`` (``cache``, ``internal``, ...): a value signed for one
+        purpose never verifies for another."""
+        from shared.hmac_sign import derive_key
+
+        return derive_key(self.hmac_key_bytes(), purpose)
 
     def require_database_url(self) -> str:
         if not self.database_url:

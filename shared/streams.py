@@ -1,7 +1,7 @@
 """Redis Streams: a publisher and a consumer-group consumer.
 
 Delivery is at least once. A consumer acks an entry only after its handler succeeded; entries left
-pending by a consumer that died are claimed by another after ``claim_idle_ms`` (XAUTOCLAIM); an entry
+pending by a consumer that died are claimed by another after ``claim_idle_ms`` (XPENDING + XCLAIM); an entry
 delivered ``max_deliveries`` times without success, or one that can never succeed (``PoisonMessage``),
 moves to the dead-letter stream ``<stream>:dlq`` and is acked so the rest keep flowing. Handlers must be
 idempotent.
@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,6 +87,7 @@ class StreamPublisher:
         self.redis = redis
         self.namespace = namespace
         self.maxlen = maxlen
+        self._publish_once: Any = None
 
     def stream_key(self, stream: str) -> str:
         return f"{self.namespace}:stream:{stream}"
@@ -105,6 +107,36 @@ class StreamPublisher:
                 pipe.xadd(key, encode(payload, cid), maxlen=self.maxlen, approximate=True)
             await pipe.execute()
         return len(payloads)
+
+    async def publish_once(self, stream: str, events: Sequence[tuple[str, dict[str, Any]]], ttl: int) -> int:
+        """Publish ``(event_id, payload)`` pairs so that an event id reaches the stream at most once within
+        ``ttl`` seconds, however often it is relayed: the marker and the entry are written by one script,
+        atomically. Returns how many entries were added."""
+        if not events:
+            return 0
+        key = self.stream_key(stream)
+        cid = get_correlation_id() or new_correlation_id()
+        if self._publish_once is None:
+            self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event_id, payload in events:
+                fields = encode(payload, cid)
+                await self._publish_once(
+                    keys=[key, f"{key}:published:{event_id}"],
+                    args=[self.maxlen, ttl, fields["data"], fields["cid"]],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return sum(1 for r in results if r)
+
+
+# KEYS: stream, marker; ARGV: maxlen, marker ttl, data, cid.
+_PUBLISH_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[3], 'cid', ARGV[4])
+end
+return false
+"""
 
 
 BatchHandler = Callable[[list[StreamMessage]], Awaitable[None]]
@@ -141,6 +173,7 @@ class StreamConsumer:
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
         dlq_maxlen: int = 100_000,
+        stall_seconds: float = 300.0,
     ) -> None:
         self.redis = redis
         self.stream = f"{namespace}:stream:{stream}"
@@ -157,7 +190,13 @@ class StreamConsumer:
         self.processed = 0
         self.failed = 0
         self.dead_lettered = 0
+        # Entries that were trimmed out of the stream while pending: acknowledged, their data gone.
+        self.lost = 0
         self._last_reclaim = 0.0
+        self.stall_seconds = stall_seconds
+        self.last_step_at: float | None = None
+        # (oldest pending id, when it was first seen there): a pending list whose head never moves is stuck.
+        self._oldest_pending: tuple[str, float] | None = None
 
     @classmethod
     def configured(
@@ -185,6 +224,7 @@ class StreamConsumer:
             claim_idle_ms=settings.stream_claim_idle_ms,
             max_deliveries=settings.stream_max_deliveries,
             dlq_maxlen=settings.stream_maxlen,
+            stall_seconds=settings.stream_stall_seconds,
         )
 
     async def ensure_group(self) -> None:
@@ -195,12 +235,16 @@ class StreamConsumer:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Reads until ``stop``. Redis outages are waited out here; anything else propagates to the
+        supervisor, which logs it and starts the consumer again."""
         await self.ensure_group()
         log.info("consumer_started", stream=self.stream, group=self.group, consumer=self.consumer)
+        self.last_step_at = time.monotonic()
         backoff = 0.5
         while not stop.is_set():
             try:
                 await self.step()
+                self.last_step_at = time.monotonic()
                 backoff = 0.5
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("consumer_redis_unavailable", stream=self.stream, error=str(exc), retry_in=backoff)
@@ -212,6 +256,29 @@ class StreamConsumer:
                     await self.ensure_group()
                 else:
                     raise
+
+    async def stall_reason(self) -> str | None:
+        """Why this consumer is not keeping up, or None: no read completed for ``stall_seconds``, or the
+        group's oldest pending entry has not moved for that long."""
+        now = time.monotonic()
+        if self.last_step_at is not None and now - self.last_step_at > self.stall_seconds:
+            return f"consumer {self.group} completed no read for {now - self.last_step_at:.0f}s"
+        summary = await self.redis.xpending(self.stream, self.group)
+        oldest = summary.get("min") if summary and summary.get("pending") else None
+        if oldest is None:
+            self._oldest_pending = None
+            return None
+        oldest_id = _s(oldest)
+        if self._oldest_pending is None or self._oldest_pending[0] != oldest_id:
+            self._oldest_pending = (oldest_id, now)
+            return None
+        stuck_for = now - self._oldest_pending[1]
+        if stuck_for > self.stall_seconds:
+            return (
+                f"group {self.group} stalled: oldest pending entry {oldest_id} has not moved for {stuck_for:.0f}s "
+                f"({summary['pending']} pending)"
+            )
+        return None
 
     async def step(self) -> int:
         """Reclaim stale entries when due, then read and handle one batch of new entries."""
@@ -235,34 +302,35 @@ class StreamConsumer:
         return handled
 
     async def reclaim(self) -> int:
-        """Claim entries idle past ``claim_idle_ms`` (XAUTOCLAIM); process those still within their delivery
-        budget, dead-letter the rest."""
-        claimed = await self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, count=self.batch_size
+        """Claim entries idle past ``claim_idle_ms``; process those still within their delivery budget,
+        dead-letter the rest, and acknowledge the ones trimmed out of the stream while pending.
+
+        XPENDING (with IDLE) then XCLAIM rather than XAUTOCLAIM: the servers we support disagree about
+        trimmed entries (Redis 6.2 replies with nil ids and keeps them pending for ever; 7.x drops them
+        from the pending list and reports them in a third reply element that redis-py discards), while
+        XCLAIM by id lets us tell "claimed", "claimed by someone else" and "gone" apart on every version.
+        """
+        idle = await self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=self.batch_size, idle=self.claim_idle_ms
         )
-        entries = [(_s(i), f) for i, f in (claimed[1] if claimed else []) if i is not None]
-        # Redis 6.2 returns entries trimmed away while pending with no fields; 7.x drops them from the
-        # pending list itself. Either way nothing is left to process: just ack.
-        gone = [entry_id for entry_id, fields in entries if fields is None]
-        if gone:
-            await self.redis.xack(self.stream, self.group, *gone)
-        live = [(entry_id, fields) for entry_id, fields in entries if fields is not None]
-        if not live:
+        if not idle:
             return 0
-        # The claim counted as a delivery: an entry delivered more often than the budget allows has had
-        # its max_deliveries attempts already.
-        pending = await self.redis.xpending_range(
-            self.stream, self.group, min=live[0][0], max=live[-1][0], count=len(live), consumername=self.consumer
+        delivered_before = {_s(p["message_id"]): int(p["times_delivered"]) for p in idle}
+        claimed = await self.redis.xclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, message_ids=list(delivered_before)
         )
-        deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        live = {_s(i): f for i, f in claimed if i is not None and f is not None}
+        missing = [entry_id for entry_id in delivered_before if entry_id not in live]
+        if missing:
+            await self._ack_trimmed(missing)
         messages: list[StreamMessage] = []
-        for entry_id, fields in live:
+        for entry_id, fields in live.items():
             message = StreamMessage(
                 id=entry_id,
                 fields={_s(k): _s(v) for k, v in fields.items()},
-                deliveries=deliveries.get(entry_id, 2),
+                deliveries=delivered_before[entry_id] + 1,
             )
-            if message.deliveries > self.max_deliveries:
+            if delivered_before[entry_id] >= self.max_deliveries:
                 message.deliveries -= 1
                 await self._dead_letter(message, f"failed {message.deliveries} deliveries")
             else:
@@ -273,6 +341,27 @@ class StreamConsumer:
             for message in messages:
                 await self._process_one(message)
         return len(messages)
+
+    async def _ack_trimmed(self, entry_ids: list[str]) -> None:
+        """Of entries that XCLAIM did not return, acknowledge those no longer in the stream (trimmed away by
+        MAXLEN while pending: their data is gone). Those still there were claimed by another consumer."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xrange(self.stream, min=entry_id, max=entry_id)
+            found = await pipe.execute()
+        gone = [entry_id for entry_id, rows in zip(entry_ids, found, strict=True) if not rows]
+        if not gone:
+            return
+        await self.redis.xack(self.stream, self.group, *gone)
+        self.lost += len(gone)
+        log.error(
+            "consumer_entries_lost",
+            stream=self.stream,
+            group=self.group,
+            count=len(gone),
+            first=gone[0],
+            reason="trimmed from the stream (MAXLEN) before they were processed",
+        )
 
     async def _process(self, messages: list[StreamMessage]) -> None:
         if self.handle_batch is not None and len(messages) > 1:

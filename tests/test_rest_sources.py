@@ -22,6 +22,7 @@ from services.ingest.service import BAN_BACKOFF_SECONDS, IngestService, SourceRu
 from shared.messages import TickMessage
 from shared.settings import Settings
 from shared.streams import TICKS_STREAM, StreamPublisher
+from shared.supervisor import Supervisor
 from tests.conftest import eventually, make_settings
 from tests.replay import ReplayServer, Reply
 
@@ -411,7 +412,8 @@ async def test_all_seven_exchanges_through_the_service(
     )  # fmt: skip
     publisher = StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen)
     service = IngestService(configured, redis=redis, publisher=publisher, sessions=sessions)
-    await service.start()
+    supervisor = Supervisor("ingest")
+    await service.start(supervisor)
     try:
         expected = {name: spec.expected(exchange_fixtures) for name, spec in SPECS.items()}
 
@@ -421,7 +423,7 @@ async def test_all_seven_exchanges_through_the_service(
 
         await eventually(all_in, timeout=30)
     finally:
-        await service.stop()
+        await supervisor.stop()
 
 
 async def test_coins_added_and_removed_in_the_table_are_followed(binance, settings, redis, sessions, db, monkeypatch):
@@ -432,7 +434,8 @@ async def test_coins_added_and_removed_in_the_table_are_followed(binance, settin
     )  # fmt: skip
     publisher = StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen)
     service = IngestService(configured, redis=redis, publisher=publisher, sessions=sessions)
-    await service.start()
+    supervisor = Supervisor("ingest")
+    await service.start(supervisor)
     try:
         # Ingest seeds the configured coins itself.
         assert [r["symbol"] for r in await db.fetch("SELECT symbol FROM coins WHERE active")] == ["BTC"]
@@ -451,7 +454,7 @@ async def test_coins_added_and_removed_in_the_table_are_followed(binance, settin
         later = (await published(redis, settings))[mark:]
         assert later and {t.base for t in later} == {"ETH"}
     finally:
-        await service.stop()
+        await supervisor.stop()
 
 
 async def _has(bases: Callable[[], Any], symbol: str) -> bool:

@@ -12,6 +12,7 @@ from services.ingest.service import IngestService, health_key, parse_health
 from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
 from shared.streams import TICKS_STREAM, StreamPublisher
+from shared.supervisor import Supervisor
 from tests.conftest import eventually, make_settings
 
 COINS = ["BTC", "ETH"]
@@ -104,8 +105,9 @@ async def test_ingest_service_with_the_sim_source_publishes_ticks(settings, redi
     service = IngestService(configured, redis=redis, publisher=publisher, sessions=session_factory(engine))
     key = publisher.stream_key(TICKS_STREAM)
     per_poll = len(COINS) * len(SIM_SOURCES)
+    supervisor = Supervisor("ingest")
     try:
-        await service.start()
+        await service.start(supervisor)
         assert [r.source.name for r in service.runners] == ["sim"]
 
         async def two_polls() -> bool:
@@ -113,7 +115,7 @@ async def test_ingest_service_with_the_sim_source_publishes_ticks(settings, redi
 
         await eventually(two_polls, timeout=10, interval=0.05)
     finally:
-        await service.stop()
+        await supervisor.stop()
         await engine.dispose()
 
     entries = await redis.xrange(key)

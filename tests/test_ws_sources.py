@@ -36,6 +36,7 @@ from services.ingest.websocket import (
 from shared.messages import TickMessage
 from shared.settings import Settings
 from shared.streams import StreamPublisher
+from shared.supervisor import Supervisor
 from tests.conftest import eventually, free_port
 from tests.replay import ReplayServer
 from tests.ws_replay import WsReplayServer, ndjson
@@ -476,7 +477,8 @@ async def test_service_runs_okx_over_its_websocket(
     configured = Settings(**{**settings.model_dump(), "sources": ["okx"], "coins": ["BTC"], "source_urls": {}})
     publisher = StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen)
     service = IngestService(configured, redis=redis, publisher=publisher, sessions=sessions)
-    await service.start()
+    supervisor = Supervisor("ingest")
+    await service.start(supervisor)
     try:
         assert isinstance(service.runners[0], WebsocketRunner)
 
@@ -489,4 +491,4 @@ async def test_service_runs_okx_over_its_websocket(
         (health,) = await service.health()
         assert health["kind"] == "ws" and health["state"] == "connected"
     finally:
-        await service.stop()
+        await supervisor.stop()

@@ -3,8 +3,6 @@ operations endpoints every service has, so the platform's shape is complete and 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,14 +19,9 @@ async def email_channel(app: FastAPI, resources: Resources) -> AsyncIterator[Non
     """The email sender and its stream consumer (welcome, password-reset and alert mails)."""
     settings = resources.settings
     app.state.email_sender = EmailSender(settings.smtp_url, settings.smtp_from)
-    stop = asyncio.Event()
-    task = asyncio.create_task(EmailConsumer(settings, resources.redis, app.state.email_sender).run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, timeout=5)
+    emails = EmailConsumer(settings, resources.redis, app.state.email_sender)
+    resources.supervisor.start("email-consumer", emails.run, check=emails.consumer.stall_reason)
+    yield
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from services.conversion.api import router
 from services.conversion.consumers import price_consumer
 from services.conversion.service import ConversionService
-from services.conversion.tasks import CRON_JOBS, FUNCTIONS, refresh_ecb_rates, startup_refresh_needed
-from shared.jobs import run_worker
+from services.conversion.tasks import CRON_JOBS, FUNCTIONS, fiat_source, refresh_fiat_rates, startup_refresh_needed
+from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -30,25 +30,23 @@ def create_app(settings: Settings) -> FastAPI:
         await service.rebuild()
         consumer = price_consumer(resources.redis, settings, service)
         app.state.price_consumer = consumer
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(consumer.run(stop), name="price-consumer")]
-        if "ecb" in settings.sources:
-            tasks.append(asyncio.create_task(_startup_ecb(settings, resources, service), name="ecb-startup"))
+        resources.supervisor.start("price-consumer", consumer.run, check=consumer.stall_reason)
+        startup: asyncio.Task[None] | None = None
+        if fiat_source(settings) is not None:
+            # One-off, not supervised: the cron job is what keeps the rates current.
+            startup = asyncio.create_task(_startup_ecb(settings, resources, service), name="ecb-startup")
         ctx = {"settings": settings, "sessions": resources.sessions, "redis": resources.redis, "service": service}
-        async with run_worker(settings, "conversion", functions=FUNCTIONS, cron_jobs=CRON_JOBS, ctx=ctx):
-            log.info("conversion_ready", ecb="ecb" in settings.sources)
-            try:
-                yield
-            finally:
-                stop.set()
-                for task in tasks[1:]:
-                    task.cancel()
-                _done, pending = await asyncio.wait(tasks, timeout=5)
-                for task in pending:
-                    task.cancel()
-                for task in tasks:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+        supervise_worker(
+            resources.supervisor, settings, "conversion", functions=FUNCTIONS, cron_jobs=CRON_JOBS, ctx=ctx
+        )
+        log.info("conversion_ready", ecb="ecb" in settings.sources, fiat_source=fiat_source(settings))
+        try:
+            yield
+        finally:
+            if startup is not None and not startup.done():
+                startup.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await startup
 
     return build_service_app(
         "conversion",
@@ -61,9 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 async def _startup_ecb(settings: Settings, resources: Resources, service: ConversionService) -> None:
-    """Runs the ECB job once at startup when stored rates are missing or stale, without delaying startup."""
+    """Runs the fiat job once at startup when stored rates are missing or stale, without delaying startup."""
     try:
         if await startup_refresh_needed(resources.sessions):
-            await refresh_ecb_rates(settings, resources.sessions, resources.redis, service)
+            await refresh_fiat_rates(settings, resources.sessions, resources.redis, service)
     except Exception as exc:  # a failed first fetch must not stop the service; the cron job retries
-        log.error("source_failed", source="ecb", kind="startup", reason=f"{type(exc).__name__}: {exc}")
+        log.error("source_failed", source=fiat_source(settings), kind="startup", reason=f"{type(exc).__name__}: {exc}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +10,7 @@ from fastapi import FastAPI
 from services.ingest.api import router
 from services.ingest.coingecko.tasks import coingecko_jobs
 from services.ingest.service import IngestService
-from shared.jobs import run_worker
+from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -23,17 +22,10 @@ def create_app(settings: Settings) -> FastAPI:
             settings, redis=resources.redis, publisher=resources.publisher, sessions=resources.sessions
         )
         app.state.ingest = service
-        await service.start()
-        try:
-            async with contextlib.AsyncExitStack() as jobs:
-                coingecko = await jobs.enter_async_context(coingecko_jobs(settings, resources))
-                if coingecko.cron_jobs:  # arq refuses a worker with nothing to run
-                    await jobs.enter_async_context(
-                        run_worker(settings, "ingest", cron_jobs=coingecko.cron_jobs, ctx=coingecko.ctx)
-                    )
-                yield
-        finally:
-            await service.stop()
+        await service.start(resources.supervisor)
+        async with coingecko_jobs(settings, resources) as coingecko:
+            supervise_worker(resources.supervisor, settings, "ingest", cron_jobs=coingecko.cron_jobs, ctx=coingecko.ctx)
+            yield
 
     return build_service_app(
         "ingest",

@@ -16,10 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ingest import repository
 from services.ingest.adapters import Source, SourceError, build_source
+from services.ingest.publishing import TickPublisher
 from services.ingest.websocket import WebsocketRunner, build_ws_source
 from shared.db import transaction
 from shared.settings import Settings
-from shared.streams import TICKS_STREAM, StreamPublisher
+from shared.streams import StreamPublisher
+from shared.supervisor import Supervisor
 
 log = structlog.get_logger("ingest")
 
@@ -119,6 +121,7 @@ class SourceRunner:
         self.publisher = publisher
         self.sessions = sessions
         self.health = SourceHealth(name=source.name, kind=source.kind)
+        self.ticks = TickPublisher(publisher, source.name)
         self.opened = False
         self.failures = 0
         # The tracked coins this source quotes; IngestService follows the coins table and updates them.
@@ -138,11 +141,15 @@ class SourceRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._save_health()
-        while not stop.is_set():
-            delay = await self.run_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-        await self.source.close()
+        try:
+            while not stop.is_set():
+                delay = await self.run_once()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+        finally:
+            # Also when the supervisor is about to restart us: the next run opens the source afresh.
+            self.opened = False
+            await self.source.close()
 
     async def run_once(self) -> float:
         """One poll (opening the source first if needed); returns how long to wait before the next."""
@@ -165,8 +172,9 @@ class SourceRunner:
         except Exception as exc:  # a source must never take the service down
             log.exception("source_unexpected_error", source=self.source.name)
             return await self._failed("unexpected", f"{type(exc).__name__}: {exc}", None)
-        if ticks:
-            await self.publisher.publish_many(TICKS_STREAM, [t.to_stream() for t in ticks])
+        if not await self.ticks.publish(ticks):
+            # Polled but not handed on: not "connected" as far as the platform is concerned.
+            return await self._failed("unavailable", "Redis refused the ticks; held for the next attempt", None)
         by_kind: dict[str, list[Any]] = {}
         for item in rejected:
             kind = getattr(item, "kind", "rejected_quote")
@@ -235,8 +243,6 @@ class IngestService:
         self.sessions = sessions
         self.runners: list[SourceRunner | WebsocketRunner] = []
         self.skipped: dict[str, str] = {}
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self.coins: list[str] = list(settings.coins)
 
     def build_runners(self) -> None:
@@ -282,7 +288,7 @@ class IngestService:
                 )
             )
 
-    async def start(self) -> None:
+    async def start(self, supervisor: Supervisor) -> None:
         self.build_runners()
         await self._seed_coins()
         self.coins = await self._active_coins() or self.coins
@@ -301,9 +307,9 @@ class IngestService:
         )
         if any(r.source.kind == "sim" for r in self.runners):
             log.warning("sim_source_enabled", note="prices come from the offline simulator, not markets")
-        self._tasks = [asyncio.create_task(r.run(self._stop), name=f"source:{r.source.name}")
-                       for r in self.runners]  # fmt: skip
-        self._tasks.append(asyncio.create_task(self._follow_coins(), name="ingest:coins"))
+        for runner in self.runners:
+            supervisor.start(f"source:{runner.source.name}", runner.run)
+        supervisor.start("ingest:coins", self._follow_coins)
 
     async def _seed_coins(self) -> None:
         # Pricing seeds too; doing it here as well lets ingest run alone. Existing rows (and their
@@ -322,12 +328,12 @@ class IngestService:
             log.warning("coins_not_read", error=str(exc))
             return None
 
-    async def _follow_coins(self) -> None:
+    async def _follow_coins(self, stop: asyncio.Event) -> None:
         """Re-reads the tracked coins every ``coins_refresh_seconds``; sources re-select their symbols on change."""
-        while not self._stop.is_set():
+        while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.settings.coins_refresh_seconds)
-            if self._stop.is_set():
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.coins_refresh_seconds)
+            if stop.is_set():
                 return
             coins = await self._active_coins()
             if coins is None or coins == self.coins:
@@ -338,16 +344,6 @@ class IngestService:
             self.coins = coins
             for runner in self.runners:
                 runner.set_coins(coins)
-
-    async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            try:
-                await asyncio.wait_for(task, timeout=5)
-            except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
-            except Exception as exc:
-                log.warning("source_stop_failed", error=str(exc))
 
     async def health(self) -> list[dict[str, Any]]:
         names = list(dict.fromkeys([*self.settings.sources, *(r.source.name for r in self.runners)]))

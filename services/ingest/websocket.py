@@ -65,9 +65,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ingest import repository
 from services.ingest.adapters import PREFERRED_QUOTES, CcxtRestSource, SourceError, our_symbol, tick_id
+from services.ingest.publishing import TickPublisher
 from shared.messages import TickMessage, to_decimal
 from shared.settings import Settings
-from shared.streams import TICKS_STREAM, StreamPublisher
+from shared.streams import StreamPublisher
 
 if TYPE_CHECKING:
     from services.ingest.service import SourceHealth
@@ -557,6 +558,7 @@ class WebsocketRunner:
         self.settings = settings
         self.redis = redis
         self.publisher = publisher
+        self.ticks = TickPublisher(publisher, source.name)
         self.sessions = sessions
         self.health = health
         self.health_key = health_key
@@ -709,8 +711,8 @@ class WebsocketRunner:
         self._delivered = True
         wanted = set(self.coins)
         ticks = [t for t in ticks if t.base in wanted and t.quote in PREFERRED_QUOTES]
-        if ticks:
-            await self.publisher.publish_many(TICKS_STREAM, [t.to_stream() for t in ticks])
+        if ticks or self.ticks.held:
+            await self.ticks.publish(ticks)
             self.health.messages_total += len(ticks)
             self.health.rate_window.append((time.monotonic(), len(ticks)))
         await self._save_health()
@@ -780,8 +782,8 @@ class WebsocketRunner:
             log.exception("rest_poll_unexpected", source=self.source.name, why=why)
             await self._record_error("rest_unexpected", f"{why}: {type(exc).__name__}: {exc}")
             return
-        if ticks:
-            await self.publisher.publish_many(TICKS_STREAM, [t.to_stream() for t in ticks])
+        if ticks or self.ticks.held:
+            await self.ticks.publish(ticks)
             self.health.messages_total += len(ticks)
             self.health.last_message_at = datetime.now(UTC).isoformat()
         self.health.rejected_total += len(rejected)

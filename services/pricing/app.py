@@ -19,7 +19,7 @@ from services.pricing.history import tasks as history_tasks
 from services.pricing.history.api import router as history_router
 from services.pricing.service import PriceCache, PricingService
 from shared.db import transaction
-from shared.jobs import run_worker
+from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -39,7 +39,7 @@ async def refresh_loop(service: PricingService, resources: Resources, stop: asyn
             async with transaction(resources.sessions) as session:
                 symbols = await repository.tracked_symbols(session)
             await service.refresh(symbols)
-        except Exception as exc:  # the loop must outlive a database or Redis hiccup
+        except Exception as exc:  # a database or Redis hiccup: the next round retries
             log.warning("freshness_refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
 
@@ -57,25 +57,19 @@ def create_app(settings: Settings) -> FastAPI:
             await repository.seed_coins(session, settings.coins)
         consumer = tick_consumer(resources.redis, settings, service)
         app.state.tick_consumer = consumer
-        stop = asyncio.Event()
-        task = asyncio.create_task(consumer.run(stop), name="tick-consumer")
-        refresher = asyncio.create_task(refresh_loop(service, resources, stop), name="freshness-refresh")
+        supervisor = resources.supervisor
+        supervisor.start("tick-consumer", consumer.run, check=consumer.stall_reason)
+        supervisor.start("freshness-refresh", lambda stop: refresh_loop(service, resources, stop))
+        supervisor.start("price-outbox", service.relay_outbox)
+        supervise_worker(
+            supervisor,
+            settings,
+            "pricing",
+            cron_jobs=history_tasks.cron_jobs(),
+            ctx=history_tasks.job_context(settings, resources.sessions),
+        )
         log.info("pricing_ready", coins=settings.coins, min_fresh_sources=settings.min_fresh_sources)
-        try:
-            async with run_worker(
-                settings,
-                "pricing",
-                cron_jobs=history_tasks.cron_jobs(),
-                ctx=history_tasks.job_context(settings, resources.sessions),
-            ):
-                yield
-        finally:
-            stop.set()
-            for running in (task, refresher):
-                try:
-                    await asyncio.wait_for(running, timeout=5)
-                except TimeoutError:
-                    running.cancel()
+        yield
 
     return build_service_app(
         "pricing",

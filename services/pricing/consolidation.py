@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
@@ -72,6 +72,8 @@ class Consolidated:
     method: str
     last_updated: datetime
     quotes: list[QuoteView]
+    # When the quorum of fresh votes runs out if nothing new arrives: a reader after it sees "stale".
+    fresh_until: datetime | None = None
 
     def row(self) -> dict[str, object]:
         return {
@@ -84,6 +86,7 @@ class Consolidated:
             "sources_total": self.sources_total,
             "method": self.method,
             "last_updated": self.last_updated,
+            "fresh_until": self.fresh_until,
         }
 
     def payload(self) -> dict[str, Any]:
@@ -146,17 +149,26 @@ def consolidate(
     price = OUTPUT_CONTEXT.plus(min(max(mean, min(kept_prices)), max(kept_prices)))
     volumes = [q.volume for q in kept if q.volume is not None]
     used = len(kept) if fresh else 0
+    status = "fresh" if used >= settings.min_fresh_sources else "stale"
+    fresh_until = None
+    if status == "fresh":
+        # The k-th latest expiry of the used votes, k being the quorum: past it fewer than k are fresh.
+        expiries = sorted(
+            (q.received_at + timedelta(seconds=max_age(settings, q.transport)) for q in kept), reverse=True
+        )
+        fresh_until = expiries[settings.min_fresh_sources - 1]
     return Consolidated(
         base=base,
         vs=vs,
         price=price,
         volume_24h=sum(volumes, Decimal(0)) if volumes else None,
-        status="fresh" if used >= settings.min_fresh_sources else "stale",
+        status=status,
         sources_used=used,
         sources_total=len(quotes),
         method=METHOD + (";stablecoin=parity" if parity else ""),
         last_updated=max(q.received_at for q in kept),
         quotes=list(quotes),
+        fresh_until=fresh_until,
     )
 
 
@@ -220,6 +232,7 @@ def derive_fiat(usd: Consolidated, vs: str, fiat_per_eur: Mapping[str, Decimal])
         method=usd.method + ";via=USD*ECB",
         last_updated=usd.last_updated,
         quotes=[],
+        fresh_until=usd.fresh_until,
     )
 
 

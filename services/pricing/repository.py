@@ -6,12 +6,12 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.messages import TickMessage
-from shared.models import Coin, FiatRate, Price, SourceQuote
+from shared.models import Coin, FiatRate, Price, PriceOutbox, SourceQuote
 
 TICK_COLUMNS = (
     "tick_id", "source", "base", "quote", "price", "bid", "ask", "volume_24h", "quote_volume_24h",
@@ -93,7 +93,10 @@ def _price_upsert() -> Any:
     return stmt.on_conflict_do_update(
         index_elements=[Price.base, Price.vs],
         set_={c.name: stmt.excluded[c.name] for c in Price.__table__.columns if c.name not in ("base", "vs")},
-    )
+        # Like the quote upsert's guard: a refresh computed from quotes read before a newer consolidation
+        # committed must not put the older price back. Equal times pass (a status change of the same quotes).
+        where=stmt.excluded.last_updated >= Price.last_updated,
+    ).returning(Price.base, Price.vs)
 
 
 _QUOTE_UPSERT = _quote_upsert()
@@ -162,10 +165,39 @@ async def tracked_symbols(session: AsyncSession) -> list[str]:
     return list(result.all())
 
 
-async def upsert_prices(session: AsyncSession, prices: Sequence[dict[str, object]]) -> None:
+async def upsert_prices(session: AsyncSession, prices: Sequence[dict[str, object]]) -> set[tuple[str, str]]:
+    """Write consolidated prices; returns the (base, vs) keys actually written (not older than the stored)."""
     if not prices:
-        return
-    await session.execute(_PRICE_UPSERT, list(prices))
+        return set()
+    result = await session.execute(_PRICE_UPSERT, list(prices))
+    return {(row[0], row[1]) for row in result.all()}
+
+
+async def add_outbox(session: AsyncSession, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Price events, in the transaction that produced them (relayed to the stream after commit)."""
+    if events:
+        await session.execute(insert(PriceOutbox), [{"event_id": e, "payload": p} for e, p in events])
+
+
+# Any constant works; it names "the one relay of price events" across all pricing processes.
+OUTBOX_RELAY_LOCK = 0x636C_7072_6963_6501
+
+
+async def claim_outbox(session: AsyncSession, limit: int) -> list[PriceOutbox]:
+    """The oldest unrelayed events, with the relay lock held until this transaction ends: one relay at a
+    time publishes, in commit order, so a newer price never overtakes an older one on the stream."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": OUTBOX_RELAY_LOCK})
+    result = await session.scalars(select(PriceOutbox).order_by(PriceOutbox.id).limit(limit))
+    return list(result.all())
+
+
+async def delete_outbox(session: AsyncSession, ids: Sequence[int]) -> None:
+    if ids:
+        await session.execute(delete(PriceOutbox).where(PriceOutbox.id.in_(list(ids))))
+
+
+async def outbox_size(session: AsyncSession) -> int:
+    return int((await session.execute(text("SELECT count(*) FROM price_outbox"))).scalar_one())
 
 
 async def get_prices(session: AsyncSession, bases: Iterable[str], vs: Iterable[str]) -> list[Price]:

@@ -4,8 +4,11 @@ The method itself is in consolidation.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -13,32 +16,43 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.pricing import repository
 from services.pricing.consolidation import USD_STABLECOINS, consolidate_all
 from services.pricing.history.service import record_consolidated
 from shared.db import transaction
-from shared.hmac_sign import pack_signed, unpack_signed
-from shared.messages import TickMessage, price_event
+from shared.hmac_sign import sign, verify_text
+from shared.messages import TickMessage, effective_status, price_event
 from shared.settings import Settings
 from shared.streams import PRICES_STREAM, StreamPublisher
 
 log = structlog.get_logger("pricing")
 
 FIAT_RATES_TTL_SECONDS = 60.0
+OUTBOX_BATCH = 1000
+# The relay's own pace when nothing wakes it (a failed publish does): bounds how long a leftover waits.
+OUTBOX_POLL_SECONDS = 1.0
+# How long a relayed event id is remembered on the stream side: far longer than any outage we retry through.
+PUBLISHED_MARKER_TTL_SECONDS = 86_400
 
 
 class PriceCache:
-    """Latest consolidated prices in Redis, each entry HMAC-signed; a tampered entry is dropped."""
+    """Latest consolidated prices in Redis. Each entry is HMAC-signed over its key, field and value with the
+    cache's own key, so a tampered entry, or a valid one copied under another coin or currency, is dropped."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.key_bytes = settings.hmac_key_bytes()
+        self.key_bytes = settings.purpose_key("cache")
 
     def _key(self, base: str) -> str:
         return self.settings.key("price", base)
+
+    def _signed_part(self, base: str, vs: str, blob: bytes) -> bytes:
+        return f"{self._key(base)}\n{vs}\n".encode() + blob
 
     async def put(self, payloads: Sequence[dict[str, Any]]) -> None:
         if not payloads:
@@ -46,8 +60,21 @@ class PriceCache:
         async with self.redis.pipeline(transaction=False) as pipe:
             for p in payloads:
                 blob = json.dumps(p, separators=(",", ":"), sort_keys=True).encode()
-                pipe.hset(self._key(p["base"]), p["vs"], pack_signed(self.key_bytes, blob))
+                signature = sign(self.key_bytes, self._signed_part(p["base"], p["vs"], blob))
+                pipe.hset(self._key(p["base"]), p["vs"], signature.encode() + b"." + blob)
             await pipe.execute()
+
+    def _verified(self, base: str, vs: str, value: bytes) -> dict[str, Any] | None:
+        signature, sep, blob = value.partition(b".")
+        if not sep or not verify_text(self.key_bytes, self._signed_part(base, vs, blob), signature):
+            return None
+        try:
+            payload = json.loads(blob)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict) or payload.get("base") != base or payload.get("vs") != vs:
+            return None
+        return payload
 
     async def get(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
         if not pairs:
@@ -60,15 +87,12 @@ class PriceCache:
         for (base, vs), blob in zip(pairs, blobs, strict=True):
             if blob is None:
                 continue
-            payload = unpack_signed(self.key_bytes, blob)
+            payload = self._verified(base, vs, blob)
             if payload is None:
-                log.error("price_cache_signature_invalid", base=base, vs=vs, action="discarded; rebuilt from db")
+                log.error("price_cache_entry_invalid", base=base, vs=vs, action="discarded; rebuilt from db")
                 await self.redis.hdel(self._key(base), vs)
                 continue
-            try:
-                found[(base, vs)] = json.loads(payload)
-            except ValueError:
-                await self.redis.hdel(self._key(base), vs)
+            found[(base, vs)] = payload
         return found
 
 
@@ -87,9 +111,16 @@ class PricingService:
         self.cache = cache
         self._fiat: dict[str, Decimal] | None = None
         self._fiat_at = 0.0
+        # One relay at a time in this process (the database lock orders it across processes).
+        self._relay_lock = asyncio.Lock()
+        self._relay_wanted = asyncio.Event()
+        self.relayed = 0
 
     async def apply_ticks(self, ticks: Sequence[TickMessage]) -> list[dict[str, Any]]:
-        """Store ticks and re-consolidate the coins they touch. Idempotent: a tick seen before is skipped."""
+        """Store ticks and re-consolidate the coins they touch. Idempotent: a tick seen before is skipped.
+
+        The resulting price events are written to the outbox in the same transaction and relayed after
+        commit, so a failed publish delays an event but never loses it."""
         now = datetime.now(UTC)
         async with transaction(self.sessions) as session:
             new_ids = await repository.insert_ticks(session, ticks)
@@ -98,8 +129,8 @@ class PricingService:
                 return []
             await repository.upsert_source_quotes(session, fresh_ticks)
             payloads = await self._reconsolidate(session, {t.base for t in fresh_ticks}, now)
-        # Only after commit: readers and subscribers must never see what the database does not hold.
-        await self._announce(payloads)
+            await self._stage(session, payloads)
+        await self._relay_after_commit()
         return payloads
 
     async def refresh(self, bases: Iterable[str]) -> list[dict[str, Any]]:
@@ -108,8 +139,9 @@ class PricingService:
         async with transaction(self.sessions) as session:
             before = {(p.base, p.vs): p.status for p in await repository.prices_of(session, wanted)}
             payloads = await self._reconsolidate(session, wanted, datetime.now(UTC))
-        changed = [p for p in payloads if before.get((p["base"], p["vs"])) != p["status"]]
-        await self._announce(changed)
+            changed = [p for p in payloads if before.get((p["base"], p["vs"])) != p["status"]]
+            await self._stage(session, changed)
+        await self._relay_after_commit()
         return changed
 
     async def _reconsolidate(self, session: AsyncSession, bases: set[str], now: datetime) -> list[dict[str, Any]]:
@@ -119,9 +151,10 @@ class PricingService:
         results = consolidate_all(rows, now, self.settings, stable_rates=stable_rates, fiat_per_eur=fiat)
         statuses = {(q.source, q.base, q.quote): q.status for c in results for q in c.quotes}
         await repository.set_quote_statuses(session, statuses)
-        await repository.upsert_prices(session, [c.row() for c in results])
+        written = await repository.upsert_prices(session, [c.row() for c in results])
         await record_consolidated(session, results)  # 1-minute candles, in the same transaction
-        return [c.payload() for c in results]
+        # A result older than the stored price was not written: it is not news either.
+        return [c.payload() for c in results if (c.base, c.vs) in written]
 
     async def _fiat_rates(self, session: AsyncSession) -> dict[str, Decimal]:
         # ECB publishes once a working day: a minute-old copy is as good as a fresh read.
@@ -131,21 +164,84 @@ class PricingService:
             self._fiat_at = now
         return self._fiat
 
-    async def _announce(self, payloads: list[dict[str, Any]]) -> None:
-        if not payloads:
-            return
-        await self.cache.put(payloads)
-        await self.publisher.publish_many(PRICES_STREAM, payloads)
+    async def _stage(self, session: AsyncSession, payloads: list[dict[str, Any]]) -> None:
+        for payload in payloads:
+            payload["event_id"] = str(uuid.uuid4())
+        await repository.add_outbox(session, [(p["event_id"], p) for p in payloads])
+
+    async def _relay_after_commit(self) -> None:
+        """Hand the committed events on at once; if Redis refuses, the background relay retries."""
+        try:
+            await self.relay_pending()
+        except (RedisError, OSError) as exc:
+            log.warning("price_events_deferred", error=f"{type(exc).__name__}: {exc}", retry="outbox relay")
+            self._relay_wanted.set()
+
+    async def relay_pending(self, batch: int = OUTBOX_BATCH) -> int:
+        """Publish every staged event in order (cache, then stream, each event id at most once) and remove
+        it from the outbox. Returns how many were relayed."""
+        relayed = 0
+        async with self._relay_lock:
+            while True:
+                async with transaction(self.sessions) as session:
+                    rows = await repository.claim_outbox(session, batch)
+                    if not rows:
+                        break
+                    payloads = [r.payload for r in rows]
+                    await self.cache.put(_latest_per_pair(payloads))
+                    await self.publisher.publish_once(
+                        PRICES_STREAM, [(r.event_id, r.payload) for r in rows], ttl=PUBLISHED_MARKER_TTL_SECONDS
+                    )
+                    await repository.delete_outbox(session, [r.id for r in rows])
+                relayed += len(rows)
+                if len(rows) < batch:
+                    break
+        self.relayed += relayed
+        return relayed
+
+    async def relay_outbox(self, stop: asyncio.Event) -> None:
+        """Supervised loop: relays what a failed publish left in the outbox (and what other processes left)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relay_wanted.wait(), timeout=OUTBOX_POLL_SECONDS)
+            self._relay_wanted.clear()
+            if stop.is_set():
+                return
+            try:
+                relayed = await self.relay_pending()
+            except (RedisError, OSError, SQLAlchemyError) as exc:
+                log.warning("outbox_relay_waiting", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if relayed:
+                log.info("outbox_relayed", count=relayed)
 
     async def read_prices(self, bases: Sequence[str], vs: Sequence[str]) -> dict[tuple[str, str], dict[str, Any]]:
+        """Latest prices from the cache, else PostgreSQL (also while Redis is down), each with its status
+        re-checked against the clock: a cached "fresh" is only as good as its ``fresh_until``."""
         pairs = [(b, v) for b in bases for v in vs]
-        found = await self.cache.get(pairs)
+        cache_up = True
+        try:
+            found = await self.cache.get(pairs)
+        except (RedisError, OSError) as exc:
+            log.warning("price_cache_unavailable", error=f"{type(exc).__name__}: {exc}", fallback="postgres")
+            found, cache_up = {}, False
         missing = [p for p in pairs if p not in found]
         if missing:
             async with transaction(self.sessions) as session:
                 rows = await repository.get_prices(session, {b for b, _ in missing}, {v for _, v in missing})
             wanted = set(missing)
             rebuilt = [price_event(r) for r in rows if (r.base, r.vs) in wanted]
-            await self.cache.put(rebuilt)
+            if cache_up:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.cache.put(rebuilt)
             found.update({(p["base"], p["vs"]): p for p in rebuilt})
+        now = datetime.now(UTC)
+        for payload in found.values():
+            payload["status"] = effective_status(payload, now)
         return found
+
+
+def _latest_per_pair(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Payloads are in commit order: the last one per (base, vs) is what the cache should hold.
+    latest = {(p["base"], p["vs"]): p for p in payloads}
+    return list(latest.values())
