@@ -47,8 +47,13 @@ def ensure_secrets(data_dir: Path) -> dict[str, str]:
             changed = True
     if changed:
         data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-        path.chmod(0o600)
+        # Created with mode 0600 (never readable by others, not even for a moment), replaced atomically.
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("".join(f"{k}={v}\n" for k, v in values.items()))
+        os.chmod(staging, 0o600)  # an existing staging file keeps its mode through O_CREAT
+        os.replace(staging, path)
     return values
 
 
@@ -123,7 +128,7 @@ def cmd_migrate(_args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from honcho.manager import Manager
+    from shared.launcher import Launcher
 
     started = time.monotonic()
     if args.sources:
@@ -154,18 +159,40 @@ def cmd_run(args: argparse.Namespace) -> None:
         env.update(infra_env)
         env.update({"COINLYTICS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"})
         env.setdefault("COINLYTICS_LOG_FORMAT", "console")
-        manager = Manager()
-        for service in SERVICES:
-            manager.add_process(service, f"{sys.executable} -m services.{service}", env=env)
+        check_server_versions(database_url, redis_url)
+        launcher = Launcher({s: [sys.executable, "-m", f"services.{s}"] for s in SERVICES}, env=env, say=_say)
         _say(f"infrastructure ready in {time.monotonic() - started:.1f}s; starting {len(SERVICES)} services")
         _say(f"gateway:   http://127.0.0.1:{settings.gateway_port}")
         _say(f"explorer:  http://127.0.0.1:{settings.gateway_port}/docs")
         _say(f"try:       curl 'http://127.0.0.1:{settings.gateway_port}/api/v1/prices?symbols=BTC&vs=USD'")
         _say(f"status:    http://127.0.0.1:{settings.gateway_port}/api/v1/status")
-        _say("press Ctrl-C to stop everything")
-        manager.loop()
-        code = manager.returncode or 0
+        _say("press Ctrl-C to stop everything; a service that crashes is restarted")
+        code = launcher.run()
     raise SystemExit(code)
+
+
+def check_server_versions(database_url: str, redis_url: str) -> None:
+    """Refuse servers older than the supported minimum before any service starts (each service checks too)."""
+    import asyncio
+
+    from shared.db import create_engine
+    from shared.server_versions import UnsupportedServerError, ensure_supported_servers
+    from shared.service_app import redis_client
+
+    async def check() -> dict[str, str]:
+        engine = create_engine(database_url)
+        redis = redis_client(redis_url)
+        try:
+            return await ensure_supported_servers(engine, redis)
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+
+    try:
+        versions = asyncio.run(check())
+    except UnsupportedServerError as exc:
+        _fail(str(exc))
+    _say(f"PostgreSQL {versions['postgres']}, Redis {versions['redis']}")
 
 
 def cmd_backfill(args: argparse.Namespace) -> None:

@@ -25,6 +25,8 @@ class EmbeddedServerError(RuntimeError):
 def free_port(preferred: int | None = None) -> int:
     if preferred is not None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the servers themselves bind: a port left in TIME_WAIT by our own last run is still ours.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", preferred))
             except OSError:

@@ -9,6 +9,10 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger("errors")
@@ -172,8 +176,22 @@ async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
+async def _store_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Redis or PostgreSQL unreachable: the request was fine, the platform can't serve it right now.
+    unreachable_db = isinstance(exc, OperationalError | InterfaceError) or getattr(exc, "connection_invalidated", False)
+    if isinstance(exc, DBAPIError) and not unreachable_db:
+        return await _unhandled_handler(request, exc)
+    store = "Redis" if isinstance(exc, RedisError) else "the database"
+    log.warning("store_unavailable", path=request.url.path, store=store, error=f"{type(exc).__name__}: {exc}")
+    return error_response(
+        503, "service_unavailable", f"{store} is unavailable; retry shortly", None, {"Retry-After": "5"}
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error_handler)
+    for unavailable in (RedisConnectionError, RedisTimeoutError, DBAPIError, OSError):
+        app.add_exception_handler(unavailable, _store_unavailable_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(Exception, _unhandled_handler)

@@ -11,8 +11,9 @@ from shared.settings import Settings
 
 
 def client_address(request: Request) -> str:
-    # uvicorn already replaced the peer with X-Forwarded-For's client when the peer is a trusted proxy
-    # (FORWARDED_ALLOW_IPS), so a client can't pick its own address here.
+    # The proxy-headers middleware (services/gateway/security.py) already replaced the peer with
+    # X-Forwarded-For's client when the peer is in COINLYTICS_TRUSTED_PROXIES, so a client can't pick its
+    # own address here.
     return request.client.host if request.client else "unknown"
 
 
@@ -32,6 +33,7 @@ async def resolve(request: Request) -> Principal:
             limit=settings.rate_limit_user,
             window_seconds=settings.rate_limit_window_seconds,
             what="per account",
+            fail_open=True,
         )
     else:
         await limiter.enforce(
@@ -39,6 +41,7 @@ async def resolve(request: Request) -> Principal:
             limit=settings.rate_limit_anonymous,
             window_seconds=settings.rate_limit_window_seconds,
             what="per address without a token",
+            fail_open=True,
         )
     request.state.principal = principal
     return principal

@@ -7,9 +7,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.errors import RateLimited
+
+log = structlog.get_logger("gateway")
 
 # A log of request times per key in a sorted set: drop the ones outside the window, admit while fewer
 # than `limit` remain. One script keeps the check-and-add atomic across replicas.
@@ -50,8 +54,16 @@ class SlidingWindowLimiter:
         )
         return Decision(bool(allowed), int(remaining), max(1, math.ceil(int(retry_ms) / 1000)) if not allowed else 0)
 
-    async def enforce(self, key: str, *, limit: int, window_seconds: int, what: str) -> None:
-        decision = await self.hit(key, limit=limit, window_seconds=window_seconds)
+    async def enforce(self, key: str, *, limit: int, window_seconds: int, what: str, fail_open: bool = False) -> None:
+        """Raise RateLimited past the limit. With ``fail_open`` a Redis outage admits the request (reads that
+        PostgreSQL can serve keep working); otherwise the outage propagates and the caller gets a 503."""
+        try:
+            decision = await self.hit(key, limit=limit, window_seconds=window_seconds)
+        except (RedisError, OSError) as exc:
+            if not fail_open:
+                raise
+            log.warning("rate_limit_unavailable", key_kind=key.split(":", 1)[0], error=type(exc).__name__)
+            return
         if not decision.allowed:
             raise RateLimited(
                 f"too many requests ({what}: {limit} per {window_seconds}s); retry later",
