@@ -8,6 +8,8 @@ see docs/security.md.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -18,7 +20,7 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from jose import JWTError, jwt
 from redis.asyncio import Redis
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import Forbidden, Unauthorized, error_body
 from shared.hmac_sign import sign, verify
@@ -122,6 +124,7 @@ class OidcTokenVerifier:
         admin_role: str,
         client: httpx.AsyncClient | None = None,
         cache_seconds: float = 300.0,
+        unknown_kid_refetch_seconds: float = 30.0,
     ) -> None:
         if any(alg.upper().startswith("HS") or alg.lower() == "none" for alg in algorithms):
             # A symmetric algorithm would let the public JWKS act as a signing key.
@@ -133,8 +136,10 @@ class OidcTokenVerifier:
         self.admin_role = admin_role
         self._client = client or httpx.AsyncClient(timeout=5.0)
         self._cache_seconds = cache_seconds
+        self._unknown_kid_refetch_seconds = unknown_kid_refetch_seconds
         self._jwks: dict[str, Any] | None = None
         self._fetched_at = 0.0
+        self._forced_at: float | None = None
 
     async def _keys(self, *, force: bool = False) -> dict[str, Any]:
         fresh = time.monotonic() - self._fetched_at < self._cache_seconds
@@ -150,14 +155,20 @@ class OidcTokenVerifier:
         assert self._jwks is not None
         return self._jwks
 
+    def _may_refetch(self) -> bool:
+        return self._forced_at is None or time.monotonic() - self._forced_at >= self._unknown_kid_refetch_seconds
+
     async def verify(self, token: str, *, expected_type: TokenType = "access") -> dict[str, Any]:
         if expected_type != "access":
             raise TokenError("an external issuer's refresh tokens are not accepted here")
         try:
             kid = jwt.get_unverified_header(token).get("kid")
             keys = await self._keys()
-            if kid and not any(k.get("kid") == kid for k in keys.get("keys", [])):
-                keys = await self._keys(force=True)  # the issuer rotated its keys
+            if kid and not any(k.get("kid") == kid for k in keys.get("keys", [])) and self._may_refetch():
+                # Perhaps the issuer rotated its keys. Rate-limited: made-up key ids must not turn every
+                # request into a fetch from the issuer.
+                self._forced_at = time.monotonic()
+                keys = await self._keys(force=True)
             claims: dict[str, Any] = jwt.decode(
                 token,
                 keys,
@@ -264,33 +275,54 @@ def bearer_token(authorization: str | None) -> str | None:
 # --- the internal credential: gateway -> services ------------------------------------------------
 
 
-def _internal_payload(method: str, path: str, timestamp: str, user: str, role: str) -> bytes:
-    return "\n".join(("coinlytics-internal-v1", method.upper(), path, timestamp, user, role)).encode()
+def _internal_payload(
+    method: str, path: str, query: str, body: bytes, timestamp: str, user: str, role: str
+) -> bytes:
+    # A JSON array, so no field's content (a path may hold a decoded newline) can shift another's boundary.
+    fields = ["coinlytics-internal-v2", method.upper(), path, query, hashlib.sha256(body).hexdigest(), timestamp]
+    return json.dumps([*fields, user, role]).encode()
 
 
 def sign_internal(
-    key: bytes, method: str, path: str, principal: Principal, *, now: float | None = None
+    key: bytes,
+    method: str,
+    path: str,
+    principal: Principal,
+    *,
+    query: str = "",
+    body: bytes = b"",
+    now: float | None = None,
 ) -> dict[str, str]:
-    """Headers that tell a service who the gateway authenticated, bound to this method and path."""
+    """Headers that tell a service who the gateway authenticated, bound to this method, path, raw query
+    string and body. ``key`` is ``settings.purpose_key("internal")``."""
     timestamp = str(int(now if now is not None else time.time()))
     user = principal.user_id or ""
+    payload = _internal_payload(method, path, query, body, timestamp, user, principal.role)
     return {
         "x-coinlytics-user": user,
         "x-coinlytics-role": principal.role,
         "x-coinlytics-ts": timestamp,
-        "x-coinlytics-sig": sign(key, _internal_payload(method, path, timestamp, user, principal.role)),
+        "x-coinlytics-sig": sign(key, payload),
     }
 
 
 def verify_internal(
-    key: bytes, method: str, path: str, headers: dict[str, str], *, max_skew: float, now: float | None = None
+    key: bytes,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    *,
+    max_skew: float,
+    query: str = "",
+    body: bytes = b"",
+    now: float | None = None,
 ) -> Principal:
     """The principal the gateway signed for, or TokenError if the credential is missing, forged or stale."""
     values = [headers.get(name) for name in INTERNAL_HEADERS]
     user, role, timestamp, signature = values
     if user is None or role is None or timestamp is None or signature is None:
         raise TokenError("internal credential missing")
-    if not verify(key, _internal_payload(method, path, timestamp, user, role), signature):
+    if not verify(key, _internal_payload(method, path, query, body, timestamp, user, role), signature):
         raise TokenError("internal credential signature mismatch")
     try:
         age = abs((now if now is not None else time.time()) - int(timestamp))
@@ -315,6 +347,7 @@ class InternalAuthMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
+        self.key = settings.purpose_key("internal")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -326,13 +359,22 @@ class InternalAuthMiddleware:
         public = path.startswith("/api/v1/")
         principal = ANONYMOUS
         if any(name in headers for name in INTERNAL_HEADERS):
+            body = b""
+            if scope["type"] == "http":
+                read = await _read_body(receive, self.settings.max_body_bytes)
+                if read is None:
+                    await _refuse(scope, receive, send, 413, "payload_too_large", "the request body is too large")
+                    return
+                body, receive = read
             try:
                 principal = verify_internal(
-                    self.settings.hmac_key_bytes(),
+                    self.key,
                     method,
                     path,
                     headers,
                     max_skew=self.settings.internal_auth_max_skew_seconds,
+                    query=scope.get("query_string", b"").decode("latin-1"),
+                    body=body,
                 )
             except TokenError as exc:
                 log.warning("internal_credential_rejected", path=path, reason=str(exc))
@@ -346,6 +388,37 @@ class InternalAuthMiddleware:
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive] | None:
+    """The whole request body (the signature covers it) and a ``receive`` that hands it to the app again;
+    None when it is over ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    last: Message | None = None
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            last = message  # the client went away; the app sees that after the part that arrived
+            break
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return last if last is not None else await receive()
+
+    return body, replay
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str) -> None:

@@ -52,8 +52,8 @@ def ensure_secrets(data_dir: Path) -> dict[str, str]:
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write("".join(f"{k}={v}\n" for k, v in values.items()))
-        os.chmod(staging, 0o600)  # an existing staging file keeps its mode through O_CREAT
-        os.replace(staging, path)
+        staging.chmod(0o600)  # an existing staging file keeps its mode through O_CREAT
+        staging.replace(path)
     return values
 
 

@@ -255,7 +255,9 @@ def serve(service: str, create_app: Callable[[Settings], FastAPI]) -> None:
     port = settings.gateway_port if service == "gateway" else _port_from_url(settings, service)
     host = "0.0.0.0" if service == "gateway" and settings.host == "0.0.0.0" else settings.host
     log.info("service_listening", service=service, url=f"http://{host}:{port}")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    # Proxy headers off: uvicorn would believe X-Forwarded-For from FORWARDED_ALLOW_IPS (even "*"); the gateway
+    # applies COINLYTICS_TRUSTED_PROXIES itself (services/gateway/security.py).
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on", proxy_headers=False)
 
 
 def _port_from_url(settings: Settings, service: str) -> int:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_COINS = "BTC,ETH,SOL,XRP,ADA,DOGE,LTC,DOT,LINK,AVAX"
 DEFAULT_VS = "USD,EUR,GBP,JPY"
@@ -106,6 +108,11 @@ class Settings(BaseSettings):
     # History: raw ticks and 1-minute candles are deleted after these ages; hourly and daily candles stay.
     retention_ticks_hours: float = Field(default=48, gt=0)
     retention_candles_1m_days: float = Field(default=90, gt=0)
+    # Append-only tables, deleted past these ages by the same job: rate snapshots (past conversions older
+    # than this fall back to candles and ECB days), the error log, and account activity.
+    retention_rate_snapshots_days: float = Field(default=30, gt=0)
+    retention_error_log_days: float = Field(default=30, gt=0)
+    retention_user_activity_days: float = Field(default=365, gt=0)
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
@@ -194,17 +201,22 @@ class Settings(BaseSettings):
             raise ValueError("at least one entry is required")
         return list(dict.fromkeys(value))
 
-    @model_validator(mode="after")
-    def _collect_source_urls(self) -> Settings:
-        # COINLYTICS_SOURCE_<NAME>_REST_URL / _WS_URL are open-ended names, so they are gathered here
-        # rather than declared one by one.
-        found: dict[str, str] = {}
-        for key, value in os.environ.items():
-            upper = key.upper()
-            if upper.startswith("COINLYTICS_SOURCE_") and (upper.endswith("_REST_URL") or upper.endswith("_WS_URL")):
-                found[upper.removeprefix("COINLYTICS_SOURCE_").lower()] = value
-        self.source_urls = {**found, **self.source_urls}
-        return self
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _SourceUrlSettings(settings_cls, dotenv_settings),
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     @model_validator(mode="after")
     def _check_internal_auth(self) -> Settings:
@@ -292,6 +304,30 @@ class Settings(BaseSettings):
     def key(self, *parts: str) -> str:
         """A Redis key or stream name inside this deployment's namespace."""
         return ":".join((self.redis_namespace, *parts))
+
+
+class _SourceUrlSettings(PydanticBaseSettingsSource):
+    """COINLYTICS_SOURCE_<NAME>_REST_URL / _WS_URL, from the .env file and the environment (which wins, as
+    for every other setting). The names are open-ended, so they are gathered rather than declared one by one;
+    explicit ``source_urls=`` values still win per source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], dotenv: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.dotenv = dotenv
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, str] = {}
+        dotenv_vars: Mapping[str, str | None] = getattr(self.dotenv, "env_vars", {})
+        for variables in (dotenv_vars, os.environ):
+            for key, value in variables.items():
+                upper = key.upper()
+                is_url = upper.endswith("_REST_URL") or upper.endswith("_WS_URL")
+                if value is not None and upper.startswith("COINLYTICS_SOURCE_") and is_url:
+                    found[upper.removeprefix("COINLYTICS_SOURCE_").lower()] = value
+        return {"source_urls": found} if found else {}
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -7,6 +7,18 @@ from datetime import UTC, datetime
 
 from shared.errors import ValidationFailed
 
+# Accepted moments. The day's margin below datetime's year-9999 limit leaves room for the arithmetic callers
+# do around a moment (a window's end, a candle's length) without an OverflowError.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def _out_of_range(name: str, value: str) -> ValidationFailed:
+    return ValidationFailed(
+        f"{name}: {value[:40]!r} is out of range: use a moment from 1970-01-01 to 9999-12-30 (UTC)",
+        details={"parameter": name, "earliest": "1970-01-01T00:00:00Z", "latest": "9999-12-30T00:00:00Z"},
+    )
+
 
 def parse_time(value: str, name: str) -> datetime:
     text = value.strip()
@@ -15,11 +27,18 @@ def parse_time(value: str, name: str) -> datetime:
     except ValueError:
         pass
     else:
-        if not math.isfinite(seconds) or not (0 <= seconds < 253402300800):
-            raise ValidationFailed(f"{name}: Unix seconds out of range: {value!r}")
+        if not math.isfinite(seconds) or not (EARLIEST.timestamp() <= seconds <= LATEST.timestamp()):
+            raise _out_of_range(name, value)
         return datetime.fromtimestamp(seconds, tz=UTC)
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise ValidationFailed(f"{name}: expected ISO 8601 or Unix seconds, got {value!r}") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:
+        moment = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:
+        # An offset that pushes year 1 or 9999 past datetime's range.
+        raise _out_of_range(name, value) from None
+    if not (EARLIEST <= moment <= LATEST):
+        raise _out_of_range(name, value)
+    return moment

@@ -193,7 +193,8 @@ def free_port() -> int:
 async def serve_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
     """Runs an ASGI app on a real uvicorn server on 127.0.0.1; yields its base URL."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    # Proxy headers off, as shared.service_app.serve runs them: the gateway decides whom to believe.
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", proxy_headers=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

@@ -36,7 +36,10 @@ def smtp():
 async def platform(settings, smtp):
     """Gateway and alerting (the email sender); the gateway's public URL is where it really listens."""
     port = free_port()
-    common = settings.model_copy(update={"smtp_url": smtp.url, "public_url": f"http://127.0.0.1:{port}"})
+    # The test client stands in for a trusted proxy, so X-Forwarded-For picks the client address.
+    common = settings.model_copy(
+        update={"smtp_url": smtp.url, "public_url": f"http://127.0.0.1:{port}", "trusted_proxies": ["127.0.0.1"]}
+    )
     async with (
         serve_app(alerting_app(common)),
         serve_app(gateway_app(common), port=port) as url,
@@ -241,7 +244,7 @@ async def test_profile_preferences_and_activity_log(platform):
 async def test_failed_logins_are_throttled_per_account_across_addresses(platform):
     await register(platform, "ivy@example.com")
     for n in range(5):
-        # Each attempt from another client address (the test client is a trusted proxy for uvicorn).
+        # Each attempt from another client address (the test client is a trusted proxy).
         response = await login(
             platform, "ivy@example.com", "wrong password here", headers={"X-Forwarded-For": f"198.51.100.{n}"}
         )
@@ -257,7 +260,7 @@ async def test_failed_logins_are_throttled_per_account_across_addresses(platform
 
 
 async def test_login_attempts_are_throttled_per_address(settings, smtp):
-    tight = settings.model_copy(update={"login_max_attempts_per_ip": 3})
+    tight = settings.model_copy(update={"login_max_attempts_per_ip": 3, "trusted_proxies": ["127.0.0.1"]})
     async with serve_app(gateway_app(tight)) as url, httpx.AsyncClient(base_url=url) as client:
         codes = [(await login(client, f"u{n}@example.com", "wrong password here")).status_code for n in range(4)]
         elsewhere = await login(

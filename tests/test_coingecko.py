@@ -15,6 +15,7 @@ from services.ingest.app import create_app as ingest_app
 from services.ingest.coingecko.client import CoinGeckoClient, parse_retry_after
 from services.ingest.coingecko.service import CoinGeckoRefresher
 from shared.db import create_engine, session_factory
+from tests.accounts import InternalCredential
 from tests.conftest import eventually, make_settings, serve_app
 from tests.replay import ReplayServer, Reply
 
@@ -219,7 +220,8 @@ async def test_ingest_runs_the_job_on_schedule(exchange_fixtures, replay, settin
     app_settings = make_settings(
         settings.database_url, settings.redis_url, settings.redis_namespace, sources=["coingecko"], coins=["BTC"]
     )
-    async with serve_app(ingest_app(app_settings)) as url, httpx.AsyncClient(base_url=url) as client:
+    admin = InternalCredential(app_settings)  # the admin routes check the role themselves
+    async with serve_app(ingest_app(app_settings)) as url, httpx.AsyncClient(base_url=url, auth=admin) as client:
 
         async def stored():
             return await db.fetchval("SELECT market_cap_usd FROM coin_market_data WHERE symbol = 'BTC'")

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from services.pricing.app import create_app as pricing_app
+from tests.accounts import InternalCredential
 from tests.conftest import make_settings, serve_app
 
 COINS = ["BTC", "ETH", "SOL", "DOGE"]
@@ -32,7 +33,9 @@ async def pricing(settings) -> httpx.AsyncClient:
         # The timed re-consolidation would rebuild the prices this test writes by hand.
         consolidation_refresh_seconds=3600,
     )
-    async with serve_app(pricing_app(app_settings)) as url, httpx.AsyncClient(base_url=url) as client:
+    # Signed as an administrator, the way the gateway forwards: the admin routes check the role themselves.
+    admin = InternalCredential(app_settings)
+    async with serve_app(pricing_app(app_settings)) as url, httpx.AsyncClient(base_url=url, auth=admin) as client:
         yield client
 
 
@@ -272,3 +275,32 @@ async def test_admin_remove_errors(pricing, redis, settings):
     assert unknown.json()["error"]["code"] == "unknown_symbol"
     assert (await pricing.delete("/api/v1/admin/coins/N$PE")).status_code == 422
     assert await coin_events(redis, settings) == []
+
+
+async def test_prices_include_market_cap_and_change_24h_as_the_coins_list_does(market, db):
+    # A BTC/EUR candle closing 24 h ago, so the change is per currency.
+    await put_candle(db, "BTC", "EUR", "1h", datetime.now(UTC) - timedelta(hours=25), "80")
+    response = await market.get(
+        "/api/v1/prices", params={"symbols": "BTC,SOL,ETH", "vs": "USD,EUR", "include": "market_cap,change_24h"}
+    )
+    assert response.status_code == 200, response.text
+    body = decimals(response)
+    btc, sol, eth = body["BTC"], body["SOL"], body["ETH"]
+    assert btc["USD"]["market_cap"] == Decimal("2164358570")  # 19,675,987 x 110
+    assert btc["EUR"]["market_cap"] == Decimal("1967598700")  # 19,675,987 x 100
+    assert btc["USD"]["change_24h"] == Decimal("-8.3333")  # 110 vs 120
+    assert btc["EUR"]["change_24h"] == Decimal("25")  # 100 vs 80
+    # SOL has only CoinGecko's USD market cap: restated in EUR by our own prices (135 / 150).
+    assert sol["USD"]["market_cap"] == Decimal("50000000000")
+    assert sol["EUR"]["market_cap"] == Decimal("45000000000")
+    assert sol["USD"]["change_24h"] is None  # no candle near 24 h ago
+    assert eth["USD"]["market_cap"] == Decimal("240000000000")
+    assert eth["USD"]["change_24h"] is None
+    # Both views agree, field for field.
+    coins = {c["symbol"]: c for c in decimals(await market.get("/api/v1/coins", params={"vs": "EUR"}))}
+    for symbol in ("BTC", "SOL", "ETH"):
+        assert body[symbol]["EUR"]["market_cap"] == coins[symbol]["market_cap"], symbol
+        assert body[symbol]["EUR"]["change_24h"] == coins[symbol]["change_24h_pct"], symbol
+    # Only what was asked for is added.
+    plain = decimals(await market.get("/api/v1/prices", params={"symbols": "BTC", "include": "change_24h"}))
+    assert "market_cap" not in plain["BTC"]["USD"] and plain["BTC"]["USD"]["change_24h"] == Decimal("-8.3333")

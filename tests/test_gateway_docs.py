@@ -3,10 +3,14 @@ ingest and gateway apps running on real servers (ingest polling the recorded Bin
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -134,3 +138,97 @@ async def test_correlation_id_sent_to_the_gateway_comes_back(platform):
         bad = await client.get("/healthz", headers={"X-Correlation-ID": "not ok; <script>"})
         replaced = bad.headers.get_list("x-correlation-id")
         assert len(replaced) == 1 and replaced[0] != "not ok; <script>"
+
+
+def _chromium_or_skip() -> str:
+    """The system chromium for Playwright; missing tools skip locally and fail in CI."""
+    missing = []
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install -e '.[dev]')")
+    if not Path(CHROMIUM).is_file():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if missing:
+        reason = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+def _on_this_machine(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "data":
+        return True
+    if parts.scheme == "blob":  # an in-memory object named after the origin that made it
+        parts = urlsplit(parts.path)
+    return parts.hostname in {"127.0.0.1", "localhost"}
+
+
+REDOC_VENDOR_LOGO = {"https://cdn.redoc.ly/redoc/logo-mini.svg"}
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
+async def test_api_explorer_works_in_a_browser_without_leaving_the_machine(platform):
+    executable = _chromium_or_skip()
+    from playwright.async_api import async_playwright, expect
+
+    email_address = f"docs-{uuid.uuid4().hex[:8]}@example.com"
+    password = "correct horse battery staple"
+    async with httpx.AsyncClient(base_url=platform.gateway) as client:
+        registered = await client.post("/api/v1/auth/register", json={"email": email_address, "password": password})
+        assert registered.status_code == 201, registered.text
+
+    requested: list[str] = []
+    blocked: list[tuple[str, str | None]] = []
+    logins: list[int] = []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            page.on("requestfailed", lambda request: blocked.append((request.url, request.failure)))
+
+            def record_login(response: Any) -> None:
+                if response.url.endswith("/api/v1/auth/login"):
+                    logins.append(response.status)
+
+            page.on("response", record_login)
+
+            await page.goto(f"{platform.gateway}/docs")
+            # An operation block of a path merged from the pricing service.
+            prices = page.locator(".opblock-get .opblock-summary-path[data-path='/api/v1/prices']")
+            await expect(prices.first).to_be_visible(timeout=30_000)
+
+            await page.locator(".auth-wrapper .btn.authorize").first.click()
+            dialog = page.locator(".dialog-ux .modal-ux")
+            await expect(dialog).to_be_visible()
+            await dialog.locator("#oauth_username").fill(email_address)
+            await dialog.locator("#oauth_password").fill(password)
+            await dialog.locator(".auth-btn-wrapper .btn.authorize").first.click()
+            # Swagger UI shows Logout once the token endpoint answered with a token.
+            await expect(dialog.locator(".auth-btn-wrapper .btn", has_text="Logout").first).to_be_visible()
+            assert logins == [200], logins
+
+            await page.goto(f"{platform.gateway}/redoc")
+            await expect(page.get_by_text("/api/v1/prices").first).to_be_visible(timeout=30_000)
+            await expect(page.locator("h1", has_text="Coinlytics API").first).to_be_visible()
+        finally:
+            await browser.close()
+
+    assert requested, "the browser recorded no request"
+    # ReDoc's bundle hard-codes its vendor's logo; the page's Content-Security-Policy stops that one in the
+    # browser, before any connection. Anything else addressed elsewhere is a leak, blocked or not.
+    stopped_by_csp = {url for url, failure in blocked if failure and "csp" in failure.lower()}
+    tolerated = REDOC_VENDOR_LOGO & stopped_by_csp
+    outside = sorted({url for url in requested if not _on_this_machine(url) and url not in tolerated})
+    assert not outside, f"the explorer loaded from outside the machine: {outside}"

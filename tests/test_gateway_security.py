@@ -151,7 +151,7 @@ async def test_roles_admin_routes_and_other_users_objects(platform, db):
 async def test_services_refuse_calls_without_the_gateways_credential(platform, settings):
     ingest = platform.services["ingest"]
     pricing = platform.services["pricing"]
-    key = settings.hmac_key_bytes()
+    key = settings.purpose_key("internal")
     path = "/api/v1/admin/sources"
     async with httpx.AsyncClient() as direct:
         assert (await direct.get(ingest + path)).status_code == 401
@@ -180,7 +180,10 @@ async def test_services_refuse_calls_without_the_gateways_credential(platform, s
 
 
 async def test_rate_limits_per_address_and_per_user(settings):
-    limited = settings.model_copy(update={"rate_limit_anonymous": 3, "rate_limit_user": 4})
+    # The test client stands in for a trusted proxy, so X-Forwarded-For picks the address.
+    limited = settings.model_copy(
+        update={"rate_limit_anonymous": 3, "rate_limit_user": 4, "trusted_proxies": ["127.0.0.1"]}
+    )
     async with serve_app(gateway_app(limited)) as url, httpx.AsyncClient(base_url=url) as client:
         codes = [(await client.get("/api/v1/status")).status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
@@ -260,7 +263,9 @@ async def test_security_headers_and_https_enforcement(settings):
         assert "strict-transport-security" not in response.headers
         error = await client.get("/api/v1/nothing-here")
         assert error.status_code == 404 and error.headers["x-content-type-options"] == "nosniff"
-    tls = settings.model_copy(update={"https_only": True, "public_url": "https://coinlytics.example.com"})
+    tls = settings.model_copy(
+        update={"https_only": True, "public_url": "https://coinlytics.example.com", "trusted_proxies": ["127.0.0.1"]}
+    )
     async with serve_app(gateway_app(tls)) as url, httpx.AsyncClient(base_url=url) as client:
         redirected = await client.get("/api/v1/status?x=1", headers={"Host": "evil.example"})
         assert redirected.status_code == 308

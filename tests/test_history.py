@@ -21,6 +21,7 @@ from services.pricing.history.backfill import Backfiller, BackfillError
 from services.pricing.history.service import (
     HistoryService,
     choose_interval,
+    enforce_log_retention,
     enforce_retention,
     plan_query,
     record_consolidated,
@@ -235,8 +236,62 @@ async def test_rollup_materialises_hours_and_days_and_retention_keeps_them(excha
     # Idempotent: a second run deletes and rewrites nothing.
     snapshot = await db.fetch("SELECT * FROM candles ORDER BY interval, t")
     again = await tasks.history_retention(ctx)
-    assert again == {"ticks": 0, "candles_1m": 0}
+    assert again == {"ticks": 0, "candles_1m": 0, "rate_snapshots": 0, "error_log": 0, "user_activity": 0}
     assert await db.fetch("SELECT * FROM candles ORDER BY interval, t") == snapshot
+
+
+async def test_retention_job_prunes_snapshots_error_log_and_activity_by_their_settings(settings, sessions, db):
+    now = datetime.now(UTC)
+    conf = settings.model_copy(
+        update={"retention_rate_snapshots_days": 30, "retention_error_log_days": 7, "retention_user_activity_days": 365}
+    )
+    for name, age in (("snap-old", timedelta(days=31)), ("snap-new", timedelta(days=29))):
+        await db.execute(
+            "INSERT INTO rate_snapshots (taken_at, base, rates) VALUES ($1, $2, '{}'::jsonb)", now - age, name
+        )
+    for name, age in (
+        ("err-old", timedelta(days=8)),
+        ("err-older", timedelta(days=60)),
+        ("err-new", timedelta(days=6)),
+    ):
+        await db.execute(
+            "INSERT INTO error_log (source, kind, message, created_at) VALUES ('ecb', 'timeout', $1, $2)",
+            name,
+            now - age,
+        )
+    user_id = await db.fetchval(
+        "INSERT INTO users (id, email, password_hash) VALUES (gen_random_uuid(), 'ret@example.com', 'x') RETURNING id"
+    )
+    for name, age in (("act-old", timedelta(days=366)), ("act-new", timedelta(days=364))):
+        await db.execute(
+            "INSERT INTO user_activity (user_id, kind, created_at) VALUES ($1, $2, $3)", user_id, name, now - age
+        )
+
+    deleted = await tasks.history_retention(tasks.job_context(conf, sessions))
+
+    assert (deleted["rate_snapshots"], deleted["error_log"], deleted["user_activity"]) == (1, 2, 1)
+    assert [r["base"] for r in await db.fetch("SELECT base FROM rate_snapshots")] == ["snap-new"]
+    assert [r["message"] for r in await db.fetch("SELECT message FROM error_log")] == ["err-new"]
+    assert [r["kind"] for r in await db.fetch("SELECT kind FROM user_activity")] == ["act-new"]
+    # A longer setting keeps more: nothing left is older than 7 days of error log, so a 1-day setting prunes it.
+    shorter = conf.model_copy(update={"retention_error_log_days": 1})
+    assert (await tasks.history_retention(tasks.job_context(shorter, sessions)))["error_log"] == 1
+    assert await db.fetchval("SELECT count(*) FROM error_log") == 0
+
+
+async def test_log_retention_deletes_in_batches(sessions, db):
+    now = datetime.now(UTC)
+    for i in range(5):
+        await db.execute(
+            "INSERT INTO error_log (source, kind, message, created_at) VALUES ('ecb', 'parse', $1, $2)",
+            f"e{i}",
+            now - timedelta(days=40),
+        )
+    deleted = await enforce_log_retention(
+        sessions, now, rate_snapshots_days=30, error_log_days=30, user_activity_days=365, batch=2
+    )
+    assert deleted == {"rate_snapshots": 0, "error_log": 5, "user_activity": 0}
+    assert await db.fetchval("SELECT count(*) FROM error_log") == 0
 
 
 async def test_retention_deletes_in_batches(exchange_fixtures, sessions, db):

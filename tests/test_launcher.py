@@ -83,3 +83,28 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_generated_secrets_are_never_readable_by_others_not_even_before_chmod(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from shared.cli import ensure_secrets
+
+    modes_seen: list[int] = []
+    real_chmod = Path.chmod
+
+    def watching_chmod(self: Path, mode: int, **kwargs):
+        modes_seen.append(self.stat().st_mode & 0o777)  # the mode the file had until this call
+        return real_chmod(self, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "chmod", watching_chmod)
+    previous = os.umask(0)  # the most permissive umask a user could have
+    try:
+        values = ensure_secrets(tmp_path)
+    finally:
+        os.umask(previous)
+    path = tmp_path / "secrets.env"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert all(mode == 0o600 for mode in modes_seen)
+    assert set(values) == {"COINLYTICS_JWT_SECRET", "COINLYTICS_HMAC_KEY"}
+    assert ensure_secrets(tmp_path) == values  # kept, not regenerated

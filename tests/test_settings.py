@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import DEV_HMAC_KEY, DEV_JWT_SECRET, ConfigurationError, load_settings
+from shared.settings import DEV_HMAC_KEY, DEV_JWT_SECRET, ConfigurationError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = ("COINLYTICS_JWT_SECRET", "COINLYTICS_HMAC_KEY")
@@ -205,3 +205,27 @@ def test_service_refuses_to_start_in_production_without_a_jwt_secret(tmp_path, s
     assert "COINLYTICS_JWT_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
     assert f"{service}: cannot start" in result.stderr
+
+
+def test_source_urls_in_dotenv_are_read_and_the_environment_wins(dev_env, tmp_path):
+    (tmp_path / ".env").write_text(
+        "COINLYTICS_SOURCE_BINANCE_REST_URL=http://127.0.0.1:9/from-dotenv\n"
+        "COINLYTICS_SOURCE_KRAKEN_WS_URL=ws://127.0.0.1:9/kraken-from-dotenv\n"
+        "COINLYTICS_SOURCE_ECB_REST_URL=http://127.0.0.1:9/ecb-from-dotenv\n"
+    )
+    dev_env.setenv("COINLYTICS_SOURCE_ECB_REST_URL", "http://127.0.0.1:9/ecb-from-environment")
+    settings = load_settings()
+    assert settings.source_url("binance", "rest") == "http://127.0.0.1:9/from-dotenv"
+    assert settings.source_url("kraken", "ws") == "ws://127.0.0.1:9/kraken-from-dotenv"
+    assert settings.source_url("ecb", "rest") == "http://127.0.0.1:9/ecb-from-environment"
+    assert settings.source_url("kraken", "rest") is None
+    # An explicit value still beats both, per source.
+    explicit = load_settings(source_urls={"binance_rest_url": "http://127.0.0.1:9/explicit"})
+    assert explicit.source_url("binance", "rest") == "http://127.0.0.1:9/explicit"
+    assert explicit.source_url("ecb", "rest") == "http://127.0.0.1:9/ecb-from-environment"
+
+
+def test_another_env_file_is_read_for_source_urls(env, tmp_path):
+    other = tmp_path / "deploy.env"
+    other.write_text("COINLYTICS_ENV=development\nCOINLYTICS_SOURCE_COINBASE_REST_URL=http://127.0.0.1:9/cb\n")
+    assert Settings(_env_file=other).source_url("coinbase", "rest") == "http://127.0.0.1:9/cb"  # type: ignore[call-arg]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
 
@@ -44,6 +44,12 @@ class EcbRates:
 def published_at(day: date) -> datetime:
     """When the rates of ``day`` became public (16:00 Frankfurt time), in UTC."""
     return datetime.combine(day, PUBLICATION_TIME, tzinfo=ECB_TZ).astimezone(UTC)
+
+
+def last_publication_day(moment: datetime) -> date:
+    """The latest day whose rates were public at ``moment`` (its 16:00 CET publication has passed)."""
+    day = moment.astimezone(ECB_TZ).date()
+    return day if published_at(day) <= moment else day - timedelta(days=1)
 
 
 def parse(body: bytes) -> EcbRates:

@@ -152,6 +152,7 @@ class RateTable:
     version: str = ""
     updated_at: datetime | None = None
     fiat_day: date | None = None
+    fiat_source: str | None = None  # ecb, or sim-ecb for the demo's simulated rates
     _routes: dict[tuple[str, str], Route | NoRoute] = field(default_factory=dict)
 
     def add_node(self, currency: str, kind: str) -> None:
@@ -290,14 +291,17 @@ def _add_fiat(table: RateTable, doc: Mapping[str, Any], now: datetime) -> None:
     fetched_at = parse_iso(doc["fetched_at"]) if doc.get("fetched_at") else None
     as_of = published_at(day)
     usable = (fetched_at is not None and now - fetched_at <= FIAT_MAX_FETCH_AGE) or now - as_of <= FIAT_MAX_DAY_AGE
+    # Snapshots taken before the source was recorded are the ECB's.
+    source = str(doc.get("source") or "ecb")
     table.fiat_day = day
+    table.fiat_source = source
     table.add_node("EUR", "fiat")
     for currency, raw in (doc.get("rates") or {}).items():
         rate = Decimal(str(raw))
         if not rate.is_finite() or rate <= 0:
             continue
         table.add_node(currency, "fiat")
-        table.add_edge(Edge("EUR", currency, rate, as_of, "ecb", usable, 0.05, (("ecb_day", day.isoformat()),)))
+        table.add_edge(Edge("EUR", currency, rate, as_of, source, usable, 0.05, (("ecb_day", day.isoformat()),)))
 
 
 def _price_edge(doc: Mapping[str, Any], now: datetime) -> Edge | None:

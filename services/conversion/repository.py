@@ -17,9 +17,11 @@ from shared.models import Candle, Coin, ErrorLog, FiatRate, Price, RateSnapshot,
 INSERT_CHUNK = 2000  # 5 columns a row keeps far inside asyncpg's 32,767 bind parameters
 
 
-async def upsert_fiat_rates(session: AsyncSession, days: dict[date, dict[str, Decimal]], fetched_at: datetime) -> int:
+async def upsert_fiat_rates(
+    session: AsyncSession, days: dict[date, dict[str, Decimal]], fetched_at: datetime, *, source: str = "ecb"
+) -> int:
     rows = [
-        {"currency": currency, "day": day, "per_eur": rate, "source": "ecb", "fetched_at": fetched_at}
+        {"currency": currency, "day": day, "per_eur": rate, "source": source, "fetched_at": fetched_at}
         for day, rates in days.items()
         for currency, rate in rates.items()
     ]
@@ -27,7 +29,11 @@ async def upsert_fiat_rates(session: AsyncSession, days: dict[date, dict[str, De
         stmt = insert(FiatRate).values(rows[start : start + INSERT_CHUNK])
         stmt = stmt.on_conflict_do_update(
             index_elements=[FiatRate.currency, FiatRate.day],
-            set_={"per_eur": stmt.excluded.per_eur, "fetched_at": stmt.excluded.fetched_at},
+            set_={
+                "per_eur": stmt.excluded.per_eur,
+                "fetched_at": stmt.excluded.fetched_at,
+                "source": stmt.excluded.source,
+            },
         )
         await session.execute(stmt)
     return len(rows)
@@ -64,15 +70,21 @@ async def latest_fiat(session: AsyncSession) -> tuple[date | None, datetime | No
     return state.latest_day, state.fetched_at, {row[0]: row[1] for row in result.all()}
 
 
-async def fiat_on_or_before(session: AsyncSession, day: date, earliest: date) -> dict[str, tuple[date, Decimal]]:
-    """Per currency, its rate of the last published day in ``[earliest, day]``."""
+async def fiat_day_source(session: AsyncSession, day: date) -> str | None:
+    """Who published the rates of ``day``: ecb, or sim-ecb for the demo's simulated rates."""
+    value: str | None = await session.scalar(select(FiatRate.source).where(FiatRate.day == day).limit(1))
+    return value
+
+
+async def fiat_on_or_before(session: AsyncSession, day: date, earliest: date) -> dict[str, tuple[date, Decimal, str]]:
+    """Per currency, its rate of the last published day in ``[earliest, day]`` and who published it."""
     result = await session.execute(
-        select(FiatRate.currency, FiatRate.day, FiatRate.per_eur)
+        select(FiatRate.currency, FiatRate.day, FiatRate.per_eur, FiatRate.source)
         .where(FiatRate.day <= day, FiatRate.day >= earliest)
         .distinct(FiatRate.currency)
         .order_by(FiatRate.currency, FiatRate.day.desc())
     )
-    return {row[0]: (row[1], row[2]) for row in result.all()}
+    return {row[0]: (row[1], row[2], row[3]) for row in result.all()}
 
 
 async def fiat_first_day(session: AsyncSession, currency: str | None = None) -> date | None:
@@ -171,6 +183,17 @@ async def snapshot_at(session: AsyncSession, at: datetime, window: timedelta) ->
         .limit(1)
     )
     return result.first()
+
+
+async def delete_snapshots_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
+    result = await session.execute(
+        text(
+            "DELETE FROM rate_snapshots WHERE id = ANY(ARRAY("
+            "SELECT id FROM rate_snapshots WHERE taken_at < :cutoff LIMIT :batch))"
+        ),
+        {"cutoff": cutoff, "batch": batch},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def record_error(

@@ -36,8 +36,9 @@ class Leg(BaseModel):
     rate: Decimal = Field(description="units of `to` per 1 `from` (18 significant digits)")
     source: str = Field(
         examples=["consolidated"],
-        description="consolidated (pricing's price), ecb (reference rate), measured (stablecoin/USD implied by "
-        "markets), candle (stored OHLCV, with at=)",
+        description="consolidated (pricing's price), ecb (reference rate), sim-ecb (simulated reference rate "
+        "of the offline demo, never a real one), measured (stablecoin/USD implied by markets), candle (stored "
+        "OHLCV, with at=)",
     )
     as_of: str = Field(description="when this rate was observed or published")
 
@@ -93,5 +94,8 @@ class RatesOut(BaseModel):
     base: str
     as_of: str = Field(description="the newest observation in the rate table")
     fiat_day: str | None = Field(description="the ECB publication day the fiat rates come from")
+    fiat_source: str | None = Field(
+        default=None, description="who published the fiat rates: ecb, or sim-ecb (simulated, offline demo)"
+    )
     rates: dict[str, RateEntry]
     unavailable: list[str] = Field(description="known currencies with no fresh rate right now")

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.conversion import repository
-from services.conversion.ecb import published_at
+from services.conversion.ecb import last_publication_day, published_at
 from services.conversion.rates import (
     CALC,
     STABLECOINS,
@@ -190,6 +190,7 @@ class ConversionService:
                 prices = await repository.all_prices(session)
                 quotes = await repository.stablecoin_quotes(session, STABLECOINS)
                 day, fetched_at, fiat = await repository.latest_fiat(session)
+                fiat_source = None if day is None else await repository.fiat_day_source(session, day)
                 coins = await repository.tracked_coins(session)
             fields: dict[str, Any] = {"coins": sorted(coins)}
             for p in prices:
@@ -198,7 +199,7 @@ class ConversionService:
                     fields[f"price:{p.base}/{p.vs}"] = payload
             fields.update(self._stable_fields(prices, quotes))
             if day is not None:
-                fields["fiat"] = fiat_doc(day, fetched_at, fiat)
+                fields["fiat"] = fiat_doc(day, fetched_at, fiat, source=fiat_source)
             await self.cache.write(fields, replace=True)
             log.info("rate_table_rebuilt", prices=len(prices), fiat=len(fiat), fiat_day=str(day))
 
@@ -235,8 +236,10 @@ class ConversionService:
             await self.cache.write(changed)
         return len(changed)
 
-    async def set_fiat(self, day: date, fetched_at: datetime, rates: dict[str, Decimal]) -> None:
-        await self.cache.write({"fiat": fiat_doc(day, fetched_at, rates)})
+    async def set_fiat(
+        self, day: date, fetched_at: datetime, rates: dict[str, Decimal], *, source: str | None = None
+    ) -> None:
+        await self.cache.write({"fiat": fiat_doc(day, fetched_at, rates, source=source)})
 
     # --- snapshots ------------------------------------------------------------------------------------
 
@@ -317,7 +320,7 @@ class ConversionService:
 
     async def _historical_table(self, live: RateTable, src: str, dst: str, at: datetime) -> HistoricalBasis:
         table = RateTable()
-        cutoff = at.date() if at >= published_at(at.date()) else at.date() - timedelta(days=1)
+        cutoff = last_publication_day(at)
         crypto = [c for c in (src, dst) if live.kind(c) != "fiat" and c != "EUR"]
         async with transaction(self.sessions) as session:
             fiat = await repository.fiat_on_or_before(session, cutoff, cutoff - HISTORY_MAX_GAP)
@@ -329,10 +332,10 @@ class ConversionService:
             rows = await repository.candles_at(session, keys, at, at - HISTORY_MAX_GAP - timedelta(days=1))
         if fiat:
             table.add_node("EUR", "fiat")
-        for currency, (day, rate) in fiat.items():
+        for currency, (day, rate, source) in fiat.items():
             table.add_node(currency, "fiat")
             table.add_edge(
-                Edge("EUR", currency, rate, published_at(day), "ecb", True, 0.05, (("ecb_day", day.isoformat()),))
+                Edge("EUR", currency, rate, published_at(day), source, True, 0.05, (("ecb_day", day.isoformat()),))
             )
         chosen: dict[tuple[str, str], tuple[tuple[int, float], dict[str, Any], datetime, bool]] = {}
         for row in rows:
@@ -490,6 +493,7 @@ class ConversionService:
             "base": base,
             "as_of": iso(table.updated_at or utcnow()),
             "fiat_day": None if table.fiat_day is None else table.fiat_day.isoformat(),
+            "fiat_source": table.fiat_source,
             "rates": rates,
             "unavailable": unavailable,
         }
@@ -527,9 +531,12 @@ def _weekend_notes(route: Route, at: datetime) -> list[str]:
     return notes
 
 
-def fiat_doc(day: date, fetched_at: datetime | None, rates: dict[str, Decimal]) -> dict[str, Any]:
+def fiat_doc(
+    day: date, fetched_at: datetime | None, rates: dict[str, Decimal], *, source: str | None = None
+) -> dict[str, Any]:
     return {
         "day": day.isoformat(),
+        "source": source or "ecb",
         "fetched_at": None if fetched_at is None else iso(fetched_at),
         "rates": {c: str(r) for c, r in sorted(rates.items())},
     }

@@ -1,8 +1,10 @@
-"""Scheduled jobs of the conversion service (arq, run in its lifespan): the ECB reference rates and the
-periodic rate snapshot. Both are idempotent, so a retry or a repeated cron run changes nothing."""
+"""Scheduled jobs of the conversion service (arq, run in its lifespan): the ECB reference rates (or, in
+the offline demo, simulated ones) and the periodic rate snapshot. Both are idempotent, so a retry or a
+repeated cron run changes nothing."""
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,8 +15,17 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.conversion import repository
-from services.conversion.ecb import DAILY_FILE, DEFAULT_ECB_URL, HISTORY_FILE, EcbError, EcbRates, fetch
+from services.conversion.ecb import (
+    DAILY_FILE,
+    DEFAULT_ECB_URL,
+    HISTORY_FILE,
+    EcbError,
+    EcbRates,
+    fetch,
+    last_publication_day,
+)
 from services.conversion.service import ConversionService
+from services.conversion.simfiat import SIM_FIAT_SOURCE, next_rates
 from shared.db import transaction
 from shared.settings import Settings
 
@@ -25,6 +36,45 @@ SOURCE = "ecb"
 # plus a holiday is 4 days; the job then runs at once instead of waiting for the next cron slot).
 STARTUP_STALE_AFTER = timedelta(days=3)
 HISTORY_MIN_DAYS = 30  # fewer stored working days in the last 90 means the history file is fetched too
+
+
+def fiat_source(settings: Settings) -> str | None:
+    """Where fiat rates come from: the ECB when it is a source, else simulated ones when ``sim`` is (the
+    offline demo would otherwise have no fiat at all), else nowhere."""
+    if SOURCE in settings.sources:
+        return SOURCE
+    if "sim" in settings.sources:
+        return SIM_FIAT_SOURCE
+    return None
+
+
+async def refresh_fiat_rates(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: Redis, service: ConversionService
+) -> dict[str, Any]:
+    if fiat_source(settings) == SIM_FIAT_SOURCE:
+        return await refresh_sim_fiat_rates(settings, sessions, service)
+    return await refresh_ecb_rates(settings, sessions, redis, service)
+
+
+async def refresh_sim_fiat_rates(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], service: ConversionService
+) -> dict[str, Any]:
+    """One random-walk step of the simulated rates, stored as the day the ECB would have published last."""
+    fetched_at = datetime.now(UTC)
+    # A fixed sim seed makes runs repeatable; the time keeps successive steps from being identical.
+    seed = None if settings.sim_seed is None else f"{settings.sim_seed}:{fetched_at.isoformat()}"
+    async with transaction(sessions) as session:
+        _, _, previous = await repository.latest_fiat(session)
+        rates = next_rates(previous, random.Random(seed))
+        stored = await repository.upsert_fiat_rates(
+            session, {last_publication_day(fetched_at): rates}, fetched_at, source=SIM_FIAT_SOURCE
+        )
+        day, confirmed_at, latest = await repository.latest_fiat(session)
+        source = None if day is None else await repository.fiat_day_source(session, day)
+    if day is not None:
+        await service.set_fiat(day, confirmed_at or fetched_at, latest, source=source)
+    log.info("sim_fiat_rates_stored", source=SIM_FIAT_SOURCE, simulated=True, rates=stored, latest_day=str(day))
+    return {"stored": stored, "latest_day": str(day), "source": SIM_FIAT_SOURCE, "simulated": True}
 
 
 def ecb_url(settings: Settings) -> str:
@@ -94,7 +144,7 @@ async def refresh_ecb_rates(
         day, confirmed_at, latest = await repository.latest_fiat(session)
     # After commit: the cache never shows rates the database does not hold.
     if day is not None:
-        await service.set_fiat(day, confirmed_at or fetched_at, latest)
+        await service.set_fiat(day, confirmed_at or fetched_at, latest, source=SOURCE)
     await write_health(redis, settings, ok=True, stored=stored, rejected=got.rejected)
     log.info("ecb_rates_stored", source=SOURCE, rates=stored, days=len(got.days), latest_day=str(day),
              rejected=got.rejected)  # fmt: skip
@@ -131,7 +181,7 @@ async def startup_refresh_needed(sessions: async_sessionmaker[AsyncSession]) -> 
 
 
 async def ecb_job(ctx: dict[str, Any]) -> dict[str, Any]:
-    return await refresh_ecb_rates(ctx["settings"], ctx["sessions"], ctx["redis"], ctx["service"])
+    return await refresh_fiat_rates(ctx["settings"], ctx["sessions"], ctx["redis"], ctx["service"])
 
 
 async def snapshot_job(ctx: dict[str, Any]) -> dict[str, Any]:

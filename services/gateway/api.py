@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
@@ -67,16 +66,6 @@ async def openapi(request: Request) -> JSONResponse:
     app = request.app
     own = get_openapi(title="Coinlytics API", version=app.version, description=API_DESCRIPTION, routes=app.routes)
     return JSONResponse(await _upstreams(request).merged_spec(own))
-
-
-@router.get("/docs", include_in_schema=False)
-async def docs() -> HTMLResponse:
-    return get_swagger_ui_html(openapi_url="/openapi.json", title="Coinlytics API explorer")
-
-
-@router.get("/redoc", include_in_schema=False)
-async def redoc() -> HTMLResponse:
-    return get_redoc_html(openapi_url="/openapi.json", title="Coinlytics API reference")
 
 
 @router.get("/reset-password", include_in_schema=False)

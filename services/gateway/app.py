@@ -15,6 +15,7 @@ from services.gateway.auth.service import AuthService
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.service import Upstreams
 from shared.auth import Authenticator, Denylist, build_verifier
+from shared.docs import install_docs
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -46,6 +47,8 @@ def create_app(settings: Settings) -> FastAPI:
         serve_docs=False,
     )
     app.state.own_routes = own_routes(auth_router, router)
+    # The merged spec is the gateway's own /openapi.json route (services/gateway/api.py).
+    install_docs(app, openapi_url="/openapi.json", title="Coinlytics API")
     app.router.routes.append(FORWARD_ROUTE)
     security.install(app, settings)
     return app

@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from shared.errors import error_response
 from shared.settings import Settings
@@ -22,7 +23,7 @@ class SecurityHeadersMiddleware:
         headers = [
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
-            # Only frame-ancestors: /docs loads Swagger UI's script and styles from its CDN.
+            # Only frame-ancestors: the explorer pages (shared/docs.py) run inline scripts.
             (b"content-security-policy", b"frame-ancestors 'none'"),
             (b"referrer-policy", b"no-referrer"),
             (b"cross-origin-opener-policy", b"same-origin"),
@@ -103,7 +104,8 @@ def _too_large(limit: int) -> ASGIApp:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Outermost first: headers on every answer, then HTTPS, CORS, and the size limit."""
+    """Outermost first: headers on every answer, trusted proxies' headers, then HTTPS, CORS, and the size
+    limit."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -118,4 +120,8 @@ def install(app: FastAPI, settings: Settings) -> None:
         )
     if settings.https_only:
         app.add_middleware(HttpsRedirectMiddleware, settings=settings)
+    if settings.trusted_proxies:
+        # uvicorn's implementation, run here with our list: the client is the right-most untrusted
+        # X-Forwarded-For hop, and the scheme comes from X-Forwarded-Proto, only when the peer is trusted.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     app.add_middleware(SecurityHeadersMiddleware, settings=settings)

@@ -74,6 +74,7 @@ class Upstreams:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self.internal_key = settings.purpose_key("internal")
         self._spec: dict[str, Any] | None = None
         self._spec_at = 0.0
         self._spec_complete = False
@@ -85,16 +86,17 @@ class Upstreams:
         """Passes the request on with the caller's identity in a signed credential instead of its token."""
         path = request.url.path
         headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED}
-        headers.update(sign_internal(self.settings.hmac_key_bytes(), request.method, path, principal))
         # The path and query as the client encoded them: a decoded "%3F" or "%23" would change the URL's meaning.
         raw_path = (request.scope.get("raw_path") or path.encode()).decode("latin-1")
         query = request.scope.get("query_string", b"").decode("latin-1")
+        body = await request.body()
+        # Bound to the query and body too, so a captured credential can't be replayed with other ones.
+        headers.update(sign_internal(self.internal_key, request.method, path, principal, query=query, body=body))
         url = URL(self.settings.service_url(service) + raw_path + (f"?{query}" if query else ""), encoded=True)
         headers[CORRELATION_HEADER] = get_correlation_id() or ""
-        client_host = request.client.host if request.client else ""
-        prior = request.headers.get("x-forwarded-for")
-        headers["x-forwarded-for"] = f"{prior}, {client_host}" if prior else client_host
-        body = await request.body()
+        # The client as the gateway resolved it (trusted proxies only): a caller's own X-Forwarded-For is not
+        # passed on.
+        headers["x-forwarded-for"] = request.client.host if request.client else ""
         try:
             async with self.session.request(
                 request.method, url, headers=headers, data=body or None, allow_redirects=False
@@ -115,7 +117,7 @@ class Upstreams:
         return Response(content=content, status_code=status, headers=passed)
 
     async def fetch_json(self, service: str, path: str, wait_seconds: float = 3.0) -> dict[str, Any] | None:
-        headers = sign_internal(self.settings.hmac_key_bytes(), "GET", path, GATEWAY_PRINCIPAL)
+        headers = sign_internal(self.internal_key, "GET", path, GATEWAY_PRINCIPAL)
         try:
             async with self.session.get(
                 self.settings.service_url(service) + path,

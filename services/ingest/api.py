@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from services.ingest import repository
 from services.ingest.schemas import ErrorEntryOut, ErrorsOut, SourceHealthOut, SourcesOut
 from services.ingest.service import IngestService
+from shared.auth import require_admin
 from shared.db import transaction
 from shared.errors import error_responses
 from shared.service_app import get_resources
 from shared.timeparse import parse_time
 
-router = APIRouter(tags=["sources"])
+# Every ingest route is an admin route: the role is checked here as well as by the internal-auth middleware.
+router = APIRouter(tags=["sources"], dependencies=[Depends(require_admin)])
 
 
 @router.get(

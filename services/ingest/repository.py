@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -62,3 +62,15 @@ async def log_source_error(sessions: async_sessionmaker[AsyncSession], *, source
             await record_error(session, source=source, kind=kind, message=message)
     except Exception as exc:
         log.warning("error_log_unavailable", source=source, error=str(exc))
+
+
+async def delete_errors_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
+    """The error log is written by ingest and conversion alike; its retention lives here, with its writer."""
+    result = await session.execute(
+        text(
+            "DELETE FROM error_log WHERE id = ANY(ARRAY("
+            "SELECT id FROM error_log WHERE created_at < :cutoff LIMIT :batch))"
+        ),
+        {"cutoff": cutoff, "batch": batch},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from services.pricing import repository
+from services.pricing.coins.service import CoinsService
 from services.pricing.consolidation import USD_STABLECOINS
 from services.pricing.consolidation import votes as source_votes
 from services.pricing.schemas import PricesOut, SourcesOut
@@ -82,6 +83,11 @@ async def get_prices(
             "no price yet for the requested coins and currencies; sources may still be starting",
             retry_after=5,
         )
+    market: dict[tuple[str, str], dict[str, Decimal | None]] = {}
+    if "market_cap" in extras or "change_24h" in extras:
+        current = {key: Decimal(entry["price"]) for key, entry in found.items()}
+        coins = CoinsService(resources.settings, sessions=resources.sessions, publisher=resources.publisher)
+        market = await coins.price_extras(current, extras)
     body: dict[str, dict[str, Any]] = {}
     for base in bases:
         for currency in currencies:
@@ -95,6 +101,9 @@ async def get_prices(
                 "sources_used": entry["sources_used"],
             }
             for extra in extras:
+                if extra in ("market_cap", "change_24h"):
+                    out[extra] = market.get((base, currency), {}).get(extra)
+                    continue
                 value = entry.get(extra)
                 out[extra] = Decimal(value) if value is not None else None
             body.setdefault(base, {})[currency] = out

@@ -14,8 +14,16 @@ class PriceEntry(BaseModel):
     status: str = Field(examples=["fresh"], description="fresh, or stale when too few fresh sources agree")
     sources_used: int = Field(examples=[3])
     volume_24h: Decimal | None = Field(default=None, description="with include=volume_24h")
-    market_cap: Decimal | None = Field(default=None, description="with include=market_cap (null until known)")
-    change_24h: Decimal | None = Field(default=None, description="with include=change_24h (null until known)")
+    market_cap: Decimal | None = Field(
+        default=None,
+        description="with include=market_cap: circulating supply x this price (else CoinGecko's USD market cap "
+        "restated by price / USD price), as /api/v1/coins; null until CoinGecko data is known",
+    )
+    change_24h: Decimal | None = Field(
+        default=None,
+        description="with include=change_24h: percent change against our candle close nearest to 24 h ago "
+        "(within 1 h), as change_24h_pct of /api/v1/coins; null without such a candle",
+    )
 
 
 class PricesOut(RootModel[dict[str, dict[str, PriceEntry]]]):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import Coin, PasswordResetToken, RefreshToken, User, UserActivity
@@ -150,3 +150,14 @@ async def list_users(
 async def tracked_coins(session: AsyncSession, symbols: list[str]) -> set[str]:
     result = await session.execute(select(Coin.symbol).where(Coin.symbol.in_(symbols), Coin.active.is_(True)))
     return {row[0] for row in result}
+
+
+async def delete_activity_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
+    result = await session.execute(
+        text(
+            "DELETE FROM user_activity WHERE id = ANY(ARRAY("
+            "SELECT id FROM user_activity WHERE created_at < :cutoff LIMIT :batch))"
+        ),
+        {"cutoff": cutoff, "batch": batch},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

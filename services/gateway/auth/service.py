@@ -173,10 +173,17 @@ class AuthService:
             what="sign-in attempts from this address",
         )
         fail_key = self.settings.key("auth", "login-failures", client_key(email))
-        failures = await self.redis.get(fail_key)
-        if failures is not None and int(failures) >= self.settings.login_max_failures:
-            ttl = await self.redis.ttl(fail_key)
-            raise RateLimited("too many failed sign-ins for this account; retry later", retry_after=max(1, ttl))
+        # Counted before the password is checked, in one MULTI: parallel guesses each draw their own number,
+        # so no more than `login_max_failures` of them get to try. A successful sign-in clears the count.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(fail_key, 0, ex=self.settings.login_failure_window_seconds, nx=True)
+            pipe.incr(fail_key)
+            pipe.ttl(fail_key)
+            _, attempts, ttl = await pipe.execute()
+        if int(attempts) > self.settings.login_max_failures:
+            raise RateLimited(
+                "too many failed sign-ins for this account; retry later", retry_after=max(1, int(ttl))
+            )
         return fail_key
 
     async def login(self, email: str, password: str, client: str | None) -> TokenOut:
@@ -187,10 +194,7 @@ class AuthService:
         ok = await self.passwords.verify(user.password_hash if user else None, password)
         now = utcnow()
         if not ok or user is None or not user.is_active:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(fail_key, 0, ex=self.settings.login_failure_window_seconds, nx=True)
-                pipe.incr(fail_key)
-                await pipe.execute()
+            # Already counted by _throttle_login.
             if user is not None:
                 # Recorded off the response path, so a failure for a real account takes no longer to answer.
                 self._background(self._record(user.id, "login_failed", client, now))
@@ -213,11 +217,19 @@ class AuthService:
         except TokenError as exc:
             log.info("refresh_rejected", reason=str(exc)[:200])
             raise Unauthorized("invalid or expired refresh token") from None
+        try:
+            subject = uuid.UUID(str(claims["sub"]))
+        except ValueError:
+            raise Unauthorized("invalid or expired refresh token") from None
         now = utcnow()
         reused_family: str | None = None
         async with transaction(self.sessions) as session:
+            # The user row is the lock every revocation (logout, password reset, admin change) takes first:
+            # a refresh commits before one, whose UPDATE then sees the new token, or runs after it and finds
+            # its own token revoked. Taken before the token row, in the same order as they are, to avoid deadlocks.
+            user = await repository.user_by_id(session, subject, for_update=True)
             row = await repository.refresh_token_for_update(session, str(claims["jti"]))
-            if row is None or str(row.user_id) != str(claims["sub"]):
+            if user is None or row is None or row.user_id != user.id:
                 raise Unauthorized("invalid or expired refresh token")
             if row.used_at is not None or row.revoked_at is not None:
                 # A spent token presented again: someone holds a copy. RFC 9700 says end the whole family.
@@ -231,8 +243,7 @@ class AuthService:
                 )
                 reused_family = row.family_id
             else:
-                user = await repository.user_by_id(session, row.user_id)
-                if user is None or not user.is_active or row.expires_at <= now:
+                if not user.is_active or row.expires_at <= now:
                     raise Unauthorized("invalid or expired refresh token")
                 await repository.mark_refresh_used(session, row.jti, now)
                 tokens = await self._issue_pair(session, user, row.family_id, now)
@@ -250,6 +261,9 @@ class AuthService:
             await self.denylist.deny_families([principal.family])
         async with transaction(self.sessions) as session:
             if principal.family:
+                if principal.user_id:
+                    # Waits for a refresh in flight (it holds the user row), so the token it issues is revoked too.
+                    await repository.user_by_id(session, uuid.UUID(principal.user_id), for_update=True)
                 await repository.revoke_family(session, principal.family, now)
             if principal.user_id:
                 await repository.add_activity(
@@ -263,8 +277,17 @@ class AuthService:
             user = await repository.user_by_email(session, email)
         return user.id if user is not None and user.is_active else None
 
-    def start_reset(self, user_id: uuid.UUID, client: str | None) -> None:
-        """Sends the reset mail after the response: the answer can't reveal that this account exists."""
+    async def start_reset(self, user_id: uuid.UUID, client: str | None) -> None:
+        """Sends the reset mail after the response: the answer can't reveal that this account exists.
+
+        At most one mail per account per ``password_reset_mail_interval_seconds``, so the endpoint can't
+        flood a mailbox; a request within the interval is answered the same and sends nothing."""
+        interval = self.settings.password_reset_mail_interval_seconds
+        if interval:
+            slot = self.settings.key("auth", "reset-mail", user_id.hex)
+            if not await self.redis.set(slot, b"1", ex=interval, nx=True):
+                log.info("password_reset_mail_skipped", reason="one was sent recently")
+                return
         self._background(self._send_reset_logged(user_id, client))
 
     async def _send_reset_logged(self, user_id: uuid.UUID, client: str | None) -> None:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from services.pricing.coins.schemas import AdminCoinOut, AdminCoinsOut, CoinCreateIn, CoinDetailOut, CoinOut
 from services.pricing.coins.service import CoinsService
+from shared.auth import require_admin
 from shared.errors import ValidationFailed, error_responses
 from shared.responses import DecimalJSONResponse
 from shared.service_app import get_resources
 
 router = APIRouter(tags=["market data"])
-admin_router = APIRouter(tags=["admin"])
+# The role is checked here too, not only by the internal-auth middleware: a route stays closed even if
+# the middleware is misconfigured or bypassed.
+admin_router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
 SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
 CURRENCY_RE = re.compile(r"^[A-Z0-9]{2,10}$")

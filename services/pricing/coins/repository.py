@@ -44,6 +44,13 @@ async def coin_with_data(session: AsyncSession, symbol: str) -> tuple[Coin, Coin
     return (row[0], row[1]) if row else None
 
 
+async def market_data(session: AsyncSession, symbols: Sequence[str]) -> dict[str, CoinMarketData]:
+    if not symbols:
+        return {}
+    result = await session.scalars(select(CoinMarketData).where(CoinMarketData.symbol.in_(list(symbols))))
+    return {row.symbol: row for row in result.all()}
+
+
 async def prices(session: AsyncSession, bases: Sequence[str], vs: Sequence[str]) -> dict[tuple[str, str], Price]:
     if not bases or not vs:
         return {}

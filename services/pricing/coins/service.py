@@ -12,6 +12,7 @@ Changes compare the current price with the close of our own candles nearest to n
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -49,14 +50,14 @@ def pct_change(now_price: Decimal, then_price: Decimal) -> Decimal | None:
 
 
 def market_cap(
-    data: CoinMarketData | None, price: Price | None, price_usd: Price | None
+    data: CoinMarketData | None, price: Decimal | None, price_usd: Decimal | None
 ) -> tuple[Decimal | None, str | None]:
     if data is None:
         return None, None
     if data.circulating_supply is not None and data.circulating_supply > 0 and price is not None:
-        return (data.circulating_supply * price.price).quantize(CAP_QUANTUM), METHOD_SUPPLY
-    if data.market_cap_usd is not None and price is not None and price_usd is not None and price_usd.price > 0:
-        converted = data.market_cap_usd * price.price / price_usd.price
+        return (data.circulating_supply * price).quantize(CAP_QUANTUM), METHOD_SUPPLY
+    if data.market_cap_usd is not None and price is not None and price_usd is not None and price_usd > 0:
+        converted = data.market_cap_usd * price / price_usd
         return converted.quantize(CAP_QUANTUM), METHOD_CONVERTED
     return None, None
 
@@ -123,9 +124,36 @@ class CoinsService:
         views = []
         for coin, data in rows:
             price = found.get((coin.symbol, vs))
-            cap, method = market_cap(data, price, found.get((coin.symbol, "USD")))
+            usd = found.get((coin.symbol, "USD"))
+            cap, method = market_cap(data, price.price if price else None, usd.price if usd else None)
             views.append(CoinView(coin=coin, data=data, price=price, market_cap=cap, market_cap_method=method))
         return views
+
+    async def price_extras(
+        self, prices: dict[tuple[str, str], Decimal], extras: Collection[str]
+    ) -> dict[tuple[str, str], dict[str, Decimal | None]]:
+        """``market_cap`` and ``change_24h`` (percent) for /api/v1/prices, by the definitions of
+        /api/v1/coins, for the given (coin, currency) -> current price."""
+        now = datetime.now(UTC)
+        out: dict[tuple[str, str], dict[str, Decimal | None]] = {key: {} for key in prices}
+        bases = sorted({base for base, _ in prices})
+        async with transaction(self.sessions) as session:
+            if "market_cap" in extras:
+                data = await repository.market_data(session, bases)
+                usd = {b: p.price for (b, _), p in (await repository.prices(session, bases, ["USD"])).items()}
+                for (base, vs), price in prices.items():
+                    usd_price = prices.get((base, "USD"), usd.get(base))
+                    out[(base, vs)]["market_cap"] = market_cap(data.get(base), price, usd_price)[0]
+            if "change_24h" in extras:
+                _, back, tolerance = next(w for w in CHANGE_WINDOWS if w[0] == "change_24h_pct")
+                for vs in sorted({vs for _, vs in prices}):
+                    closes = await repository.closes_near(session, bases, vs, now - back, tolerance)
+                    for base in bases:
+                        if (base, vs) in prices:
+                            then = closes.get(base)
+                            change = pct_change(prices[(base, vs)], then[0]) if then is not None else None
+                            out[(base, vs)]["change_24h"] = change
+        return out
 
     async def _add_changes(self, session: AsyncSession, entries: list[dict[str, Any]], vs: str, now: datetime) -> None:
         priced = [e["symbol"] for e in entries if e["price"] is not None]
