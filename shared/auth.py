@@ -275,9 +275,7 @@ def bearer_token(authorization: str | None) -> str | None:
 # --- the internal credential: gateway -> services ------------------------------------------------
 
 
-def _internal_payload(
-    method: str, path: str, query: str, body: bytes, timestamp: str, user: str, role: str
-) -> bytes:
+def _internal_payload(method: str, path: str, query: str, body: bytes, timestamp: str, user: str, role: str) -> bytes:
     # A JSON array, so no field's content (a path may hold a decoded newline) can shift another's boundary.
     fields = ["coinlytics-internal-v2", method.upper(), path, query, hashlib.sha256(body).hexdigest(), timestamp]
     return json.dumps([*fields, user, role]).encode()

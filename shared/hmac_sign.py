@@ -16,19 +16,14 @@ def sign(key: bytes, payload: bytes) -> str:
     return hmac.new(key, payload, hashlib.sha256).hexdigest()
 
 
-def verify(key: bytes, payload: bytes, signature: str) -> bool:
-    # As bytes: compare_digest raises on a non-ASCII str, and a signature comes from a header anyone can send.
-    return hmac.compare_digest(sign(key, payload).encode(), signature.encode("utf-8", "surrogatepass"))
-
-
-def verify_text(key: bytes, payload: bytes, signature: bytes | str) -> bool:
-    """``verify`` for a signature from outside (a header, a stored value): anything that is not a plain
-    ASCII hex string fails instead of raising."""
+def verify(key: bytes, payload: bytes, signature: bytes | str) -> bool:
+    """Constant-time check of a signature from outside (a header anyone can send, a stored value): compared
+    as bytes, since compare_digest raises on a non-ASCII str; anything undecodable is simply a mismatch."""
     try:
-        text = signature.decode("ascii") if isinstance(signature, bytes) else signature
-        return hmac.compare_digest(sign(key, payload).encode("ascii"), text.encode("ascii"))
-    except (UnicodeError, ValueError):
+        given = signature if isinstance(signature, bytes) else signature.encode("utf-8", "surrogatepass")
+    except UnicodeError:
         return False
+    return hmac.compare_digest(sign(key, payload).encode(), given)
 
 
 def sign_b64(key: bytes, payload: bytes) -> str:

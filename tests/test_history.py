@@ -518,3 +518,12 @@ async def test_backfill_from_binance_klines(exchange_fixtures, replay, settings,
         Decimal(v) for v in row[1:6]
     )
     assert stored["source"] == "binance:BTC/USDT"
+
+
+def test_the_documented_interval_enum_is_the_list_the_planner_accepts():
+    from typing import get_args
+
+    from services.pricing.history.api import Interval
+    from services.pricing.history.service import INTERVAL_CHOICES
+
+    assert sorted(get_args(Interval)) == sorted(INTERVAL_CHOICES)

@@ -9,6 +9,7 @@ from services.conversion.service import ConversionService, parse_amount, parse_c
 from shared.errors import error_responses
 from shared.responses import DecimalJSONResponse
 from shared.timeparse import parse_time
+from shared.validation import SYMBOL_PATTERN, TIME_DESCRIPTION, TIME_SCHEMA
 
 router = APIRouter(tags=["conversion"])
 
@@ -57,11 +58,16 @@ def _service(request: Request) -> ConversionService:
 )
 async def convert(
     request: Request,
-    from_: str = Query(alias="from", description="currency or coin to convert from", examples=["BTC"]),
-    to: str = Query(description="currency or coin to convert to", examples=["EUR"]),
+    from_: str = Query(
+        alias="from", description="currency or coin to convert from", pattern=SYMBOL_PATTERN, examples=["BTC"]
+    ),
+    to: str = Query(description="currency or coin to convert to", pattern=SYMBOL_PATTERN, examples=["EUR"]),
     amount: str = Query(default="1", description="a positive decimal number, at most 1e15", examples=["1.5"]),
     at: str | None = Query(
-        default=None, description="a past moment: ISO 8601 or Unix seconds", examples=["2026-03-01T12:00:00Z"]
+        default=None,
+        description=f"a past moment: {TIME_DESCRIPTION}",
+        json_schema_extra=TIME_SCHEMA,
+        examples=["2026-03-01T12:00:00Z"],
     ),
     precision: int | None = Query(
         default=None, ge=0, le=30, description="decimal places (fiat) or significant digits (crypto)", examples=[8]
@@ -86,7 +92,9 @@ async def convert(
 )
 async def rates(
     request: Request,
-    base: str = Query(default="USD", description="the currency rates are expressed against", examples=["USD"]),
+    base: str = Query(
+        default="USD", description="the currency rates are expressed against", pattern=SYMBOL_PATTERN, examples=["USD"]
+    ),
 ) -> DecimalJSONResponse:
     body = await _service(request).rates(parse_currency(base, "base"))
     return DecimalJSONResponse(body)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -38,10 +37,10 @@ from shared.db import transaction
 from shared.errors import NoFreshData, NotFound, UnknownCurrency, ValidationFailed
 from shared.messages import price_event
 from shared.settings import Settings
+from shared.validation import SYMBOL_RE
 
 log = structlog.get_logger("conversion")
 
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
 MAX_AMOUNT = Decimal("1e15")
 MIN_AMOUNT_EXPONENT = -30
 MAX_AMOUNT_CHARS = 64

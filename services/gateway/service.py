@@ -139,9 +139,12 @@ class Upstreams:
                     body = await response.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 return service, {"status": "unreachable", "detail": type(exc).__name__}
+            parsed = _safe_json(body)
             if status == 200:
-                return service, {"status": "ready"}
-            return service, {"status": "not_ready", "detail": _safe_json(body)}
+                # The service's background tasks and their restarts, so a flapping one is visible while ready.
+                tasks = parsed.get("tasks") if isinstance(parsed, dict) else None
+                return service, {"status": "ready", "tasks": tasks} if tasks else {"status": "ready"}
+            return service, {"status": "not_ready", "detail": parsed}
 
         results = await asyncio.gather(*(one(s) for s in SERVICES))
         return dict(results)

@@ -14,6 +14,7 @@ from shared.db import transaction
 from shared.errors import error_responses
 from shared.service_app import get_resources
 from shared.timeparse import parse_time
+from shared.validation import TIME_DESCRIPTION, TIME_SCHEMA
 
 # Every ingest route is an admin route: the role is checked here as well as by the internal-auth middleware.
 router = APIRouter(tags=["sources"], dependencies=[Depends(require_admin)])
@@ -39,10 +40,12 @@ async def list_sources(request: Request) -> SourcesOut:
 async def list_errors(
     request: Request,
     source: str | None = Query(default=None, max_length=50, examples=["binance"]),
-    since: str | None = Query(default=None, description="ISO 8601 or Unix seconds", examples=["2026-11-25T00:00:00Z"]),
+    since: str | None = Query(
+        default=None, description=TIME_DESCRIPTION, json_schema_extra=TIME_SCHEMA, examples=["2026-11-25T00:00:00Z"]
+    ),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> ErrorsOut:
-    since_dt: datetime | None = parse_time(since, "since") if since else None
+    since_dt: datetime | None = parse_time(since, "since") if since is not None else None
     async with transaction(get_resources(request).sessions) as session:
         rows, counts = await repository.list_errors(session, source=source, since=since_dt, limit=limit)
     return ErrorsOut(

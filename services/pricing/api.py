@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from services.pricing import repository
 from services.pricing.coins.service import CoinsService
@@ -18,12 +17,13 @@ from shared.db import transaction
 from shared.errors import NoFreshData, UnknownCurrency, UnknownSymbol, ValidationFailed, error_responses
 from shared.responses import DecimalJSONResponse
 from shared.service_app import get_resources
+from shared.validation import SYMBOL_PATTERN, SYMBOL_RE, choice_list_pattern, symbol_list_pattern
 
 router = APIRouter(tags=["market data"])
 
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
 INCLUDABLE = ("market_cap", "volume_24h", "change_24h")
 MAX_SYMBOLS = 100
+MAX_CURRENCIES = 20
 
 
 def parse_symbols(raw: str, name: str, *, limit: int = MAX_SYMBOLS) -> list[str]:
@@ -48,12 +48,26 @@ def parse_symbols(raw: str, name: str, *, limit: int = MAX_SYMBOLS) -> list[str]
 )
 async def get_prices(
     request: Request,
-    symbols: str = Query(description="comma-separated coin symbols", examples=["BTC,ETH"]),
-    vs: str = Query(default="USD", description="comma-separated currencies", examples=["USD,EUR"]),
-    include: str | None = Query(default=None, description="extra fields: market_cap,volume_24h,change_24h"),
+    symbols: str = Query(
+        description=f"comma-separated coin symbols (letters and digits, any case), at most {MAX_SYMBOLS}",
+        pattern=symbol_list_pattern(MAX_SYMBOLS),
+        examples=["BTC,ETH"],
+    ),
+    vs: str = Query(
+        default="USD",
+        description=f"comma-separated currencies, at most {MAX_CURRENCIES}",
+        pattern=symbol_list_pattern(MAX_CURRENCIES),
+        examples=["USD,EUR"],
+    ),
+    include: str | None = Query(
+        default=None,
+        description="extra fields, comma-separated: market_cap, volume_24h, change_24h",
+        pattern=choice_list_pattern(INCLUDABLE),
+        examples=["market_cap,change_24h"],
+    ),
 ) -> DecimalJSONResponse:
     bases = parse_symbols(symbols, "symbols")
-    currencies = parse_symbols(vs, "vs", limit=20)
+    currencies = parse_symbols(vs, "vs", limit=MAX_CURRENCIES)
     extras = [part.strip() for part in (include or "").split(",") if part.strip()]
     unknown_extras = [e for e in extras if e not in INCLUDABLE]
     if unknown_extras:
@@ -120,8 +134,8 @@ async def get_prices(
 )
 async def get_sources(
     request: Request,
-    symbol: str,
-    vs: str = Query(default="USD", description="currency", examples=["USD"]),
+    symbol: str = Path(description="coin symbol, case-insensitive", pattern=SYMBOL_PATTERN, examples=["BTC"]),
+    vs: str = Query(default="USD", description="currency", pattern=SYMBOL_PATTERN, examples=["USD"]),
 ) -> DecimalJSONResponse:
     base = parse_symbols(symbol, "symbol", limit=1)[0]
     currency = parse_symbols(vs, "vs", limit=1)[0]

@@ -24,7 +24,7 @@ from services.pricing import repository
 from services.pricing.consolidation import USD_STABLECOINS, consolidate_all
 from services.pricing.history.service import record_consolidated
 from shared.db import transaction
-from shared.hmac_sign import sign, verify_text
+from shared.hmac_sign import sign, verify
 from shared.messages import TickMessage, effective_status, price_event
 from shared.settings import Settings
 from shared.streams import PRICES_STREAM, StreamPublisher
@@ -66,7 +66,7 @@ class PriceCache:
 
     def _verified(self, base: str, vs: str, value: bytes) -> dict[str, Any] | None:
         signature, sep, blob = value.partition(b".")
-        if not sep or not verify_text(self.key_bytes, self._signed_part(base, vs, blob), signature):
+        if not sep or not verify(self.key_bytes, self._signed_part(base, vs, blob), signature):
             return None
         try:
             payload = json.loads(blob)

@@ -10,12 +10,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.validation import SYMBOL_PATTERN, SYMBOL_RE
+
 # Deliberately plain ASCII (no internationalised addresses): the same pattern is in the spec, so what the
 # spec allows, the API accepts, and nothing PostgreSQL or SMTP can't carry gets through.
 EMAIL_PATTERN = r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$"
 EMAIL_RE = re.compile(EMAIL_PATTERN)
-SYMBOL_PATTERN = r"^[A-Za-z0-9]{1,15}$"
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
 PASSWORD_MIN = 10
 PASSWORD_MAX = 256
 

@@ -181,9 +181,7 @@ class AuthService:
             pipe.ttl(fail_key)
             _, attempts, ttl = await pipe.execute()
         if int(attempts) > self.settings.login_max_failures:
-            raise RateLimited(
-                "too many failed sign-ins for this account; retry later", retry_after=max(1, int(ttl))
-            )
+            raise RateLimited("too many failed sign-ins for this account; retry later", retry_after=max(1, int(ttl)))
         return fail_key
 
     async def login(self, email: str, password: str, client: str | None) -> TokenOut:

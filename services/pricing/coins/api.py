@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from fastapi import APIRouter, Depends, Path, Query, Request
 
 from services.pricing.coins.schemas import AdminCoinOut, AdminCoinsOut, CoinCreateIn, CoinDetailOut, CoinOut
@@ -12,14 +10,13 @@ from shared.auth import require_admin
 from shared.errors import ValidationFailed, error_responses
 from shared.responses import DecimalJSONResponse
 from shared.service_app import get_resources
+from shared.validation import SYMBOL_PATTERN, SYMBOL_RE
 
 router = APIRouter(tags=["market data"])
 # The role is checked here too, not only by the internal-auth middleware: a route stays closed even if
 # the middleware is misconfigured or bypassed.
 admin_router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
-CURRENCY_RE = re.compile(r"^[A-Z0-9]{2,10}$")
 MAX_PER_PAGE = 250
 MAX_PAGE = 10_000
 
@@ -38,7 +35,7 @@ def _symbol(raw: str) -> str:
 
 def _currency(raw: str) -> str:
     vs = raw.strip().upper()
-    if not CURRENCY_RE.match(vs):
+    if not SYMBOL_RE.match(vs):
         raise ValidationFailed(f"vs: not a currency code: {raw[:20]!r}", details={"vs": raw})
     return vs
 
@@ -56,7 +53,9 @@ def _currency(raw: str) -> str:
 )
 async def list_coins(
     request: Request,
-    vs: str = Query(default="USD", max_length=20, description="currency of prices and market caps", examples=["USD"]),
+    vs: str = Query(
+        default="USD", pattern=SYMBOL_PATTERN, description="currency of prices and market caps", examples=["USD"]
+    ),
     page: int = Query(default=1, ge=1, le=MAX_PAGE, description="page number, from 1"),
     per_page: int = Query(default=100, ge=1, le=MAX_PER_PAGE, description="coins per page, 1-250"),
 ) -> DecimalJSONResponse:
@@ -77,8 +76,8 @@ async def list_coins(
 )
 async def coin_detail(
     request: Request,
-    symbol: str = Path(max_length=20, examples=["BTC"]),
-    vs: str = Query(default="USD", max_length=20, examples=["USD"]),
+    symbol: str = Path(pattern=SYMBOL_PATTERN, examples=["BTC"]),
+    vs: str = Query(default="USD", pattern=SYMBOL_PATTERN, examples=["USD"]),
 ) -> DecimalJSONResponse:
     return DecimalJSONResponse(await _service(request).coin_detail(_symbol(symbol), _currency(vs)))
 
@@ -121,6 +120,6 @@ async def admin_add_coin(request: Request, body: CoinCreateIn) -> DecimalJSONRes
     responses=error_responses(401, 403, 404, 422),
 )
 async def admin_remove_coin(
-    request: Request, symbol: str = Path(max_length=20, examples=["MATIC"])
+    request: Request, symbol: str = Path(pattern=SYMBOL_PATTERN, examples=["MATIC"])
 ) -> DecimalJSONResponse:
     return DecimalJSONResponse(await _service(request).remove_coin(_symbol(symbol)))

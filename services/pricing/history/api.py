@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
+from typing import Literal
 
 from fastapi import APIRouter, Path, Query, Request
 
@@ -13,11 +13,13 @@ from shared.errors import ValidationFailed, error_responses
 from shared.responses import DecimalJSONResponse
 from shared.service_app import get_resources
 from shared.timeparse import parse_time
+from shared.validation import SYMBOL_PATTERN, SYMBOL_RE, TIME_DESCRIPTION, TIME_SCHEMA
 
 router = APIRouter(tags=["market data"])
 
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
 INTERVAL_HEADER = "X-Interval"
+# INTERVAL_CHOICES as a type, so the schema lists them (tests/test_history.py keeps the two equal).
+Interval = Literal["1m", "5m", "15m", "1h", "4h", "1d", "auto"]
 
 DESCRIPTION = f"""OHLCV candles of a coin in one currency, oldest first: every candle whose period overlaps
 [`start`, `end`).
@@ -58,18 +60,25 @@ def _symbol(raw: str, name: str) -> str:
 )  # fmt: skip
 async def get_history(
     request: Request,
-    symbol: str = Path(description="coin symbol, case-insensitive", examples=["BTC"]),
-    vs: str = Query(default="USD", description="currency", examples=["USD"]),
-    start: str | None = Query(default=None, description="ISO 8601 or Unix seconds", examples=["2021-09-19T00:00:00Z"]),
-    end: str | None = Query(default=None, description="ISO 8601 or Unix seconds; default now", examples=["1632268800"]),
-    interval: str = Query(default="auto", description="1m, 5m, 15m, 1h, 4h, 1d or auto", examples=["auto"]),
+    symbol: str = Path(description="coin symbol, case-insensitive", pattern=SYMBOL_PATTERN, examples=["BTC"]),
+    vs: str = Query(default="USD", description="currency", pattern=SYMBOL_PATTERN, examples=["USD"]),
+    start: str | None = Query(
+        default=None, description=TIME_DESCRIPTION, json_schema_extra=TIME_SCHEMA, examples=["2021-09-19T00:00:00Z"]
+    ),
+    end: str | None = Query(
+        default=None,
+        description=f"{TIME_DESCRIPTION}; default now",
+        json_schema_extra=TIME_SCHEMA,
+        examples=["1632268800"],
+    ),
+    interval: Interval = Query(default="auto", description="1m, 5m, 15m, 1h, 4h, 1d or auto", examples=["auto"]),
 ) -> DecimalJSONResponse:
     query = plan_query(
         _symbol(symbol, "symbol"),
         _symbol(vs, "vs"),
         parse_time(start, "start") if start is not None else None,
         parse_time(end, "end") if end is not None else None,
-        interval.strip().lower(),
+        interval,
         now=datetime.now(UTC),
     )
     resources = get_resources(request)
