@@ -29,6 +29,7 @@ from aiohttp import ClientSession, WSMsgType, web
 
 from bench.common import Figure, scratch_database
 from shared.embedded import free_port
+from shared.timeparse import iso_z
 
 FIXTURES = Path(
     os.environ.get("COINLYTICS_FIXTURES_DIR", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "exchanges")
@@ -47,7 +48,7 @@ def restamp(source: str, frame: str, now: datetime) -> str:
     """The recorded frame with its exchange time moved to ``now`` (other fields untouched)."""
     message = json.loads(frame)
     if source == "coinbase" and isinstance(message, dict) and "time" in message:
-        message["time"] = now.isoformat().replace("+00:00", "Z")
+        message["time"] = iso_z(now)
     elif source == "okx" and isinstance(message, dict):
         for item in message.get("data", []):
             item["ts"] = str(int(now.timestamp() * 1000))

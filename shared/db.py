@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -37,3 +40,32 @@ async def transaction(factory: async_sessionmaker[AsyncSession]) -> AsyncIterato
     """One unit of work: commits on success, rolls back on error. Side effects go after it returns."""
     async with factory() as session, session.begin():
         yield session
+
+
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+async def delete_older_than(
+    session: AsyncSession,
+    table: str,
+    column: str,
+    cutoff: datetime,
+    batch: int,
+    *,
+    key: str = "id",
+    where: str | None = None,
+) -> int:
+    """Deletes at most ``batch`` rows of ``table`` whose ``column`` is before ``cutoff``; returns how many.
+
+    One bounded batch per call keeps each transaction short (see ``delete_in_batches`` for the loop). The
+    rows are picked by ``key``, ``ctid`` for a table without an id, through ``= ANY(ARRAY(...))``: a key or
+    TID lookup of just the picked rows, where ``IN (subquery)`` could be planned as a join over the table.
+    ``where`` narrows the rows further (e.g. ``"interval = '1m'"``). Names and ``where`` are the callers'
+    constants, never input; the names are checked all the same, as they are formatted into the SQL."""
+    for name in (table, column, key):
+        if not _IDENTIFIER.fullmatch(name):
+            raise ValueError(f"not a plain SQL identifier: {name!r}")
+    condition = f"{column} < :cutoff" + (f" AND ({where})" if where else "")
+    sql = f"DELETE FROM {table} WHERE {key} = ANY(ARRAY(SELECT {key} FROM {table} WHERE {condition} LIMIT :batch))"  # noqa: S608 - checked constants only; values are bound
+    result = await session.execute(text(sql), {"cutoff": cutoff, "batch": batch})
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 DOCS_STATIC_URL = "/docs-static"
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
+FAVICON = "favicon.png"
 
 
 # Belt and braces: the bundles hold a few hard-coded outside links (ReDoc's sidebar shows its vendor's logo
@@ -40,21 +41,23 @@ def install_docs(app: FastAPI, *, openapi_url: str, title: str) -> None:
 def _docs_router(openapi_url: str, title: str) -> APIRouter:
     router = APIRouter()
 
-    def asset(request: Request, name: str) -> str:
+    def url(request: Request, path: str) -> str:
         # root_path keeps the links right when a proxy serves the app under a prefix.
-        return f"{request.scope.get('root_path', '')}{DOCS_STATIC_URL}/{name}"
+        return f"{request.scope.get('root_path', '')}{path}"
+
+    def asset(request: Request, name: str) -> str:
+        return url(request, f"{DOCS_STATIC_URL}/{name}")
 
     @router.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
         return _restricted(
             get_swagger_ui_html(
-                openapi_url=f"{root}{openapi_url}",
+                openapi_url=url(request, openapi_url),
                 title=f"{title} explorer",
                 swagger_js_url=asset(request, "swagger-ui-bundle.js"),
                 swagger_css_url=asset(request, "swagger-ui.css"),
-                swagger_favicon_url=asset(request, "favicon.png"),
-                oauth2_redirect_url=f"{root}{OAUTH2_REDIRECT_URL}",
+                swagger_favicon_url=asset(request, FAVICON),
+                oauth2_redirect_url=url(request, OAUTH2_REDIRECT_URL),
                 # Swagger UI would otherwise send the spec's URL to its public online validator.
                 swagger_ui_parameters={"validatorUrl": None},
             )
@@ -66,13 +69,12 @@ def _docs_router(openapi_url: str, title: str) -> APIRouter:
 
     @router.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
         return _restricted(
             get_redoc_html(
-                openapi_url=f"{root}{openapi_url}",
+                openapi_url=url(request, openapi_url),
                 title=f"{title} reference",
                 redoc_js_url=asset(request, "redoc.standalone.js"),
-                redoc_favicon_url=asset(request, "favicon.png"),
+                redoc_favicon_url=asset(request, FAVICON),
                 with_google_fonts=False,
             )
         )

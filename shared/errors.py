@@ -176,12 +176,42 @@ async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
+# SQLSTATE classes that mean "the server can't be used right now", not "your statement is wrong":
+# 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown, starting up).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+
+
+def store_unavailable(exc: BaseException) -> str | None:
+    """ "Redis" or "the database" when ``exc`` means that store is unreachable or refusing for now (worth a
+    retry later, never the request's fault), else None."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return "Redis"
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and (
+            current.connection_invalidated or isinstance(current, OperationalError | InterfaceError)
+        ):
+            return "the database"
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
+            return "the database"
+        if isinstance(current, ConnectionError | TimeoutError) or type(current).__name__ in _DRIVER_CONNECTION_ERRORS:
+            return "Redis" if isinstance(current, RedisError) else "the database"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# asyncpg's connection-level errors that carry no SQLSTATE of their own.
+_DRIVER_CONNECTION_ERRORS = frozenset({"ConnectionDoesNotExistError", "ConnectionFailureError"})
+
+
 async def _store_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
     # Redis or PostgreSQL unreachable: the request was fine, the platform can't serve it right now.
-    unreachable_db = isinstance(exc, OperationalError | InterfaceError) or getattr(exc, "connection_invalidated", False)
-    if isinstance(exc, DBAPIError) and not unreachable_db:
+    store = store_unavailable(exc)
+    if store is None:
         return await _unhandled_handler(request, exc)
-    store = "Redis" if isinstance(exc, RedisError) else "the database"
     log.warning("store_unavailable", path=request.url.path, store=store, error=f"{type(exc).__name__}: {exc}")
     return error_response(
         503, "service_unavailable", f"{store} is unavailable; retry shortly", None, {"Retry-After": "5"}

@@ -28,6 +28,8 @@ class ServiceProcess:
     restarts: int = 0
     # Crashes in a row that each came within ``startup_seconds`` of a start.
     startup_crashes: int = 0
+    # Crashes in a row, whatever the uptime; reset once the service stays up ``stable_seconds``.
+    crashes: int = 0
     next_start_at: float | None = None
     reader: threading.Thread | None = field(default=None, repr=False)
 
@@ -53,6 +55,7 @@ class Launcher:
         max_backoff: float = 30.0,
         startup_seconds: float = 15.0,
         max_startup_crashes: int = 5,
+        stable_seconds: float = 300.0,
         colour: bool | None = None,
     ) -> None:
         use_colour = sys.stdout.isatty() if colour is None else colour
@@ -67,6 +70,7 @@ class Launcher:
         self.max_backoff = max_backoff
         self.startup_seconds = startup_seconds
         self.max_startup_crashes = max_startup_crashes
+        self.stable_seconds = stable_seconds
         self.width = max(len(s.name) for s in self.services)
         self._stopping = threading.Event()
         self._write_lock = threading.Lock()
@@ -110,6 +114,7 @@ class Launcher:
             service.startup_crashes += 1
         else:
             service.startup_crashes = 0
+        service.crashes = 1 if uptime >= self.stable_seconds else service.crashes + 1
         if service.startup_crashes >= self.max_startup_crashes:
             self.say(
                 f"{service.name} {describe_exit(code)} {service.startup_crashes} times in a row within "
@@ -117,11 +122,10 @@ class Launcher:
             )
             return False
         service.restarts += 1
-        step = max(service.startup_crashes, 1)
-        delay = min(self.max_backoff, self.initial_backoff * 2 ** (step - 1))
+        delay = min(self.max_backoff, self.initial_backoff * 2 ** min(service.crashes - 1, 16))
         service.next_start_at = time.monotonic() + delay
         self.say(
-            f"{service.name} {describe_exit(code)} after {uptime:.1f}s; restarting in {delay:.0f}s "
+            f"{service.name} {describe_exit(code)} after {uptime:.1f}s; restarting in {delay:.2g}s "
             f"(restart {service.restarts})"
         )
         return True

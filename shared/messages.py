@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.streams import PoisonMessage
+from shared.timeparse import iso_z
 
 SYMBOL_PATTERN = r"^[A-Z0-9]{1,15}$"
 
@@ -101,26 +102,26 @@ def price_event(row: Any) -> dict[str, Any]:
         "sources_used": row.sources_used,
         "sources_total": row.sources_total,
         "method": row.method,
-        "last_updated": _utc_z(row.last_updated),
-        "fresh_until": None if row.fresh_until is None else _utc_z(row.fresh_until),
+        "last_updated": iso_z(row.last_updated),
+        "fresh_until": iso_z(row.fresh_until),
     }
 
 
-def _utc_z(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def effective_status(payload: dict[str, Any], now: datetime) -> str:
-    """A price event's status at ``now``: a "fresh" price past its ``fresh_until`` has lost its quorum of
-    fresh votes since it was computed, whatever the cache or the database still say."""
-    status = str(payload.get("status"))
-    until = payload.get("fresh_until")
+    """A price event's status at ``now`` (see ``status_at``)."""
+    return status_at(str(payload.get("status")), payload.get("fresh_until"), now)
+
+
+def status_at(status: str, fresh_until: datetime | str | None, now: datetime) -> str:
+    """A price's status at ``now``: a "fresh" price past its ``fresh_until`` has lost its quorum of fresh
+    votes since it was computed, whatever the cache or the database still say."""
     if status != "fresh":
         return status
-    if not until:
-        return "stale"  # no expiry recorded (an event from before it existed): not vouched for
-    try:
-        expires = datetime.fromisoformat(str(until).replace("Z", "+00:00"))
-    except ValueError:
-        return "stale"
-    return "fresh" if now <= expires else "stale"
+    if not fresh_until:
+        return "stale"  # no expiry recorded (a price from before it existed): not vouched for
+    if isinstance(fresh_until, str):
+        try:
+            fresh_until = datetime.fromisoformat(fresh_until.replace("Z", "+00:00"))
+        except ValueError:
+            return "stale"
+    return "fresh" if now <= fresh_until else "stale"

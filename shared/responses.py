@@ -8,10 +8,12 @@ from typing import Any
 import simplejson
 from fastapi.responses import JSONResponse
 
+from shared.timeparse import iso_z
+
 
 def _default(value: object) -> object:
     if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
+        return iso_z(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

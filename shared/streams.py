@@ -10,6 +10,7 @@ idempotent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -23,9 +24,10 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.errors import store_unavailable
 from shared.logging import get_correlation_id, new_correlation_id, set_correlation_id
 from shared.settings import Settings
 
@@ -35,6 +37,10 @@ TICKS_STREAM = "ticks"
 PRICES_STREAM = "prices"
 # Email requests for the alerting service's sender: {"id", "to", "subject", "text"}.
 EMAILS_STREAM = "emails"
+
+
+class StoreUnavailable(Exception):
+    """A handler failed because PostgreSQL (or another store) is unreachable: retry later, don't count it."""
 
 
 class PoisonMessage(Exception):
@@ -246,8 +252,11 @@ class StreamConsumer:
                 await self.step()
                 self.last_step_at = time.monotonic()
                 backoff = 0.5
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("consumer_redis_unavailable", stream=self.stream, error=str(exc), retry_in=backoff)
+            except (RedisConnectionError, RedisTimeoutError, OSError, StoreUnavailable) as exc:
+                what = (
+                    "consumer_store_unavailable" if isinstance(exc, StoreUnavailable) else "consumer_redis_unavailable"
+                )
+                log.warning(what, stream=self.stream, error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
             except ResponseError as exc:
@@ -338,8 +347,13 @@ class StreamConsumer:
         if messages:
             log.info("consumer_reclaimed", stream=self.stream, count=len(messages))
             # One by one: a reclaimed entry has failed before, so isolate it from the others.
-            for message in messages:
-                await self._process_one(message)
+            for done, message in enumerate(messages):
+                try:
+                    await self._process_one(message)
+                except StoreUnavailable:
+                    # The claim counted a delivery for each of the rest too; none of them was tried.
+                    await self._keep_budget(messages[done + 1 :])
+                    raise
         return len(messages)
 
     async def _ack_trimmed(self, entry_ids: list[str]) -> None:
@@ -368,6 +382,10 @@ class StreamConsumer:
             try:
                 await self.handle_batch(messages)
             except Exception as exc:
+                if store_unavailable(exc):
+                    # Not the entries' fault: leave them pending, unpenalised, and let run() back off.
+                    await self._keep_budget(messages)
+                    raise StoreUnavailable(str(exc)) from exc
                 log.warning(
                     "consumer_batch_failed_retrying_singly",
                     stream=self.stream,
@@ -390,6 +408,9 @@ class StreamConsumer:
         except (RedisConnectionError, RedisTimeoutError):
             raise
         except Exception as exc:
+            if store_unavailable(exc):
+                await self._keep_budget([message])
+                raise StoreUnavailable(str(exc)) from exc
             # Left pending: reclaim retries it later and dead-letters it once its budget is spent.
             self.failed += 1
             log.warning(
@@ -403,6 +424,18 @@ class StreamConsumer:
             self.processed += 1
         finally:
             set_correlation_id(None)
+
+    async def _keep_budget(self, messages: list[StreamMessage]) -> None:
+        """An outage of a store the handler needs (PostgreSQL down) must not spend the entries' delivery
+        budget, or a long outage would dead-letter perfectly good entries: put their counts back."""
+        with contextlib.suppress(RedisError):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    pipe.xclaim(
+                        self.stream, self.group, self.consumer, min_idle_time=0, message_ids=[message.id],
+                        retrycount=max(message.deliveries - 1, 0), justid=True,
+                    )  # fmt: skip
+                await pipe.execute()
 
     async def _dead_letter(self, message: StreamMessage, reason: str) -> None:
         fields = dict(message.fields)

@@ -93,10 +93,15 @@ class Supervisor:
             self._up.labels(supervised.name).set(1)
             try:
                 await supervised.factory(self.stop_event)
-            except asyncio.CancelledError:
-                self._up.labels(supervised.name).set(0)
-                supervised.state = "stopped"
-                raise
+            except asyncio.CancelledError as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    self._up.labels(supervised.name).set(0)
+                    supervised.state = "stopped"
+                    raise
+                # Raised inside the task by library code, not a cancellation of ours: a crash like any other.
+                error = f"CancelledError: {exc}"
+                log.error("task_crashed", service=self.service, task=supervised.name, error=error)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.exception("task_crashed", service=self.service, task=supervised.name, error=error)

@@ -1,9 +1,11 @@
-"""Time input as the contract accepts it: ISO 8601 (with or without offset) or Unix seconds."""
+"""Time as the contract has it: accepted as ISO 8601 (with or without offset) or Unix seconds, written as
+ISO 8601 in UTC with a "Z"."""
 
 from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from typing import overload
 
 from shared.errors import ValidationFailed
 
@@ -18,6 +20,15 @@ def _out_of_range(name: str, value: str) -> ValidationFailed:
         f"{name}: {value[:40]!r} is out of range: use a moment from 1970-01-01 to 9999-12-30 (UTC)",
         details={"parameter": name, "earliest": "1970-01-01T00:00:00Z", "latest": "9999-12-30T00:00:00Z"},
     )
+
+
+@overload
+def iso_z(value: datetime) -> str: ...
+@overload
+def iso_z(value: datetime | None) -> str | None: ...
+def iso_z(value: datetime | None) -> str | None:
+    """A moment as the contract writes it: ISO 8601 in UTC with a "Z" (None stays None)."""
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def parse_time(value: str, name: str) -> datetime:

@@ -182,6 +182,36 @@ def settings(clean_db: str, server_redis_url: str, namespace: str, redis: Redis)
     return make_settings(clean_db, server_redis_url, namespace)
 
 
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """An environment without any COINLYTICS_* variable and a working directory without a .env file:
+    settings come only from the test."""
+    for name in list(os.environ):
+        if name.upper().startswith("COINLYTICS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def strong() -> str:
+    """A secret that passes the strength checks."""
+    return secrets.token_urlsafe(48)
+
+
+@pytest.fixture
+def smtp() -> Iterator[Any]:
+    """A real SMTP server on 127.0.0.1 that keeps what it receives (``tests.accounts.SmtpSink``)."""
+    # Imported here: tests.accounts itself imports this module.
+    from tests.accounts import SmtpSink
+
+    sink = SmtpSink()
+    sink.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,20 +16,10 @@ from argon2 import PasswordHasher
 
 from services.alerting.app import create_app as alerting_app
 from services.gateway.app import create_app as gateway_app
-from tests.accounts import PASSWORD, SmtpSink, bearer, login, register, reset_link, settle, tokens
+from tests.accounts import PASSWORD, bearer, login, register, reset_link, settle, tokens
 from tests.conftest import ROOT, eventually, free_port, serve_app
 
 NEW_PASSWORD = "an entirely different passphrase"
-
-
-@pytest.fixture
-def smtp():
-    sink = SmtpSink()
-    sink.start()
-    try:
-        yield sink
-    finally:
-        sink.stop()
 
 
 @pytest.fixture

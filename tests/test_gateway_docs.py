@@ -232,3 +232,18 @@ async def test_api_explorer_works_in_a_browser_without_leaving_the_machine(platf
     tolerated = REDOC_VENDOR_LOGO & stopped_by_csp
     outside = sorted({url for url in requested if not _on_this_machine(url) and url not in tolerated})
     assert not outside, f"the explorer loaded from outside the machine: {outside}"
+
+
+async def test_the_gateway_root_is_a_page_that_points_the_way(platform):
+    async with httpx.AsyncClient(base_url=platform.gateway) as client:
+        response = await client.get("/")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        links = re.findall(r'href="([^"]+)"', response.text)
+        assert {"/docs", "/redoc", "/api/v1/status"} <= set(links)
+        assert all(link.startswith("/") for link in links)  # nothing from outside
+        # Every link is a route the gateway has (this platform runs no conversion service, and market data
+        # may still answer 503 "no fresh data" this early: both are answers of a real route, not a 404).
+        for link in links:
+            status = (await client.get(link.replace("&amp;", "&"))).status_code
+            assert status == 200 or (status in (502, 503) and link.startswith("/api/v1/")), (link, status)

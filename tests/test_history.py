@@ -28,7 +28,7 @@ from services.pricing.history.service import (
     roll_up,
 )
 from services.pricing.service import PriceCache, PricingService
-from shared.db import transaction
+from shared.db import delete_older_than, transaction
 from shared.messages import TickMessage
 from shared.settings import Settings
 from shared.streams import StreamPublisher
@@ -301,6 +301,25 @@ async def test_retention_deletes_in_batches(exchange_fixtures, sessions, db):
     deleted = await enforce_retention(sessions, now, ticks_hours=48, candles_1m_days=90, batch=2)
     assert deleted["candles_1m"] == len(hand_candles(points, 60))
     assert await db.fetchval("SELECT count(*) FROM candles WHERE interval='1m'") == 0
+
+
+async def test_batched_delete_keeps_rows_at_or_after_the_cutoff_and_refuses_odd_names(sessions, db):
+    now = datetime.now(UTC)
+    for age in (3, 2, 1, 0):
+        await db.execute(
+            "INSERT INTO error_log (source, kind, message, created_at) VALUES ('ecb', 'parse', 'x', $1)",
+            now - timedelta(days=age),
+        )
+    async with transaction(sessions) as session:
+        first = await delete_older_than(session, "error_log", "created_at", now - timedelta(days=1), 1)
+    async with transaction(sessions) as session:
+        rest = await delete_older_than(session, "error_log", "created_at", now - timedelta(days=1), 10)
+    assert (first, rest) == (1, 1)
+    kept = await db.fetch("SELECT created_at FROM error_log ORDER BY created_at")
+    assert [row["created_at"] for row in kept] == [now - timedelta(days=1), now]
+    async with transaction(sessions) as session:
+        with pytest.raises(ValueError, match="identifier"):
+            await delete_older_than(session, "error_log; DROP TABLE ticks", "created_at", now, 10)
 
 
 def test_auto_interval_follows_coingecko_granularity():

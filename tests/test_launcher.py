@@ -72,6 +72,24 @@ def test_a_service_that_keeps_crashing_at_startup_stops_the_platform():
     assert gateway.process is None or gateway.process.poll() is not None
 
 
+def test_a_service_that_keeps_crashing_after_starting_backs_off_more_each_time():
+    said: list[str] = []
+    late_crasher = [sys.executable, "-c", "import time, sys; time.sleep(0.3); sys.exit(1)"]
+    launcher = Launcher(
+        {"pricing": late_crasher}, env=dict(os.environ), say=said.append, out=io.StringIO(),
+        initial_backoff=0.05, max_backoff=0.4, startup_seconds=0.1, stable_seconds=60,
+    )  # fmt: skip
+    thread, result = start(launcher)
+    pricing = launcher.services[0]
+    wait_for(lambda: pricing.restarts >= 4, timeout=20)
+    launcher.request_stop()
+    thread.join(timeout=20)
+    assert result == [0]  # crashing after startup is never a reason to give up
+    assert pricing.startup_crashes == 0 and pricing.crashes >= 4
+    delays = [float(line.split("restarting in ")[1].split("s")[0]) for line in said if "restarting in" in line]
+    assert delays[:4] == sorted(delays[:4]) and delays[3] > delays[0]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

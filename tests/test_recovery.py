@@ -4,6 +4,7 @@ commit, a task that crashes, a consumer that stalls, a price read long after it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -16,16 +17,18 @@ import pytest
 from fastapi import APIRouter, Request
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import text
 
 from services.ingest.app import create_app as ingest_app
 from services.pricing.app import create_app as pricing_app
+from services.pricing.consumers import tick_consumer
 from services.pricing.repository import upsert_prices
 from services.pricing.service import PriceCache, PricingService
 from shared.db import transaction
 from shared.embedded import EmbeddedRedis
 from shared.server_versions import UnsupportedServerError, check_versions, ensure_supported_servers
 from shared.service_app import build_service_app
-from shared.streams import PRICES_STREAM, TICKS_STREAM, StreamConsumer, StreamPublisher
+from shared.streams import PRICES_STREAM, TICKS_STREAM, StoreUnavailable, StreamConsumer, StreamPublisher
 from shared.supervisor import Supervisor
 from tests.conftest import eventually, free_port, make_settings, serve_app
 from tests.replay import ReplayServer, serve_binance
@@ -65,8 +68,9 @@ async def test_ticks_flow_again_after_a_redis_restart_without_restarting_any_ser
         clean_db, own_redis.url(), namespace, sources=["binance"], coins=["BTC"], stream_claim_idle_ms=1000
     )
     direct = Redis.from_url(own_redis.url())
+    pricing = pricing_app(settings)
     async with (
-        serve_app(pricing_app(settings)) as pricing_url,
+        serve_app(pricing) as pricing_url,
         serve_app(ingest_app(settings)) as ingest_url,
         httpx.AsyncClient(timeout=10) as client,
     ):
@@ -77,6 +81,9 @@ async def test_ticks_flow_again_after_a_redis_restart_without_restarting_any_ser
 
         before = await eventually(btc_usd, timeout=20)
 
+        # Entries delivered but not yet acknowledged when Redis goes may legitimately come round again.
+        in_flight = (await direct.xpending(f"{namespace}:stream:ticks", "pricing"))["pending"]
+        port = own_redis.port
         own_redis.stop()
         # While Redis is down: prices are served from PostgreSQL, nothing answers 500.
         during = await client.get(f"{pricing_url}/api/v1/prices", params={"symbols": "BTC", "vs": "USD"})
@@ -91,7 +98,8 @@ async def test_ticks_flow_again_after_a_redis_restart_without_restarting_any_ser
         replay.serve(TICKER, shifted_tickers(exchange_fixtures, 60, "1.01"))
         await asyncio.sleep(1.5)
 
-        own_redis.start(preferred_port=own_redis.port)
+        own_redis.start(preferred_port=port)
+        assert own_redis.port == port, "Redis came back on another port; the services would not find it"
         after = shifted_tickers(exchange_fixtures, 120, "1.02")
         replay.serve(TICKER, after)
         expected = Decimal(next(r for r in json.loads(after) if r["symbol"] == "BTCUSDT")["lastPrice"])
@@ -108,8 +116,20 @@ async def test_ticks_flow_again_after_a_redis_restart_without_restarting_any_ser
 
         await eventually(all_ready, timeout=30)
 
-    # Nothing consumed twice: every tick on the stream was stored once, every price event published once.
-    stream_ticks = [json.loads(f[b"data"])["tick_id"] for _i, f in await direct.xrange(f"{namespace}:stream:ticks")]
+    # The quotes polled while Redis was away were held and arrived once it was back.
+    held = shifted_tickers(exchange_fixtures, 60, "1.01")
+    held_btc = next(r for r in json.loads(held) if r["symbol"] == "BTCUSDT")
+    assert await db.fetchval(
+        "SELECT price FROM ticks WHERE source = 'binance' AND base = 'BTC' AND quote = 'USDT' "
+        "AND exchange_ts = to_timestamp($1::float8 / 1000)",
+        held_btc["closeTime"],
+    ) == Decimal(held_btc["lastPrice"])
+    # Nothing consumed twice: each stream entry was handled once (apart from those in flight at the outage),
+    # every tick on the stream is stored, every price event was published once.
+    entries = await direct.xrange(f"{namespace}:stream:ticks")
+    processed = pricing.state.tick_consumer.processed
+    assert len(entries) <= processed <= len(entries) + in_flight
+    stream_ticks = [json.loads(f[b"data"])["tick_id"] for _i, f in entries]
     stored = [r["tick_id"] for r in await db.fetch("SELECT tick_id FROM ticks")]
     assert set(stream_ticks) <= set(stored)
     events = [json.loads(f[b"data"])["event_id"] for _i, f in await direct.xrange(f"{namespace}:stream:prices")]
@@ -261,6 +281,14 @@ async def test_a_crashing_task_is_restarted_and_readiness_says_why_while_it_is_d
     async def crashing_for_good(stop: asyncio.Event) -> None:
         raise ValueError("never works")
 
+    cancelled_inside: list[int] = []
+
+    async def cancelled_by_a_library(stop: asyncio.Event) -> None:
+        cancelled_inside.append(1)
+        if len(cancelled_inside) == 1:
+            raise asyncio.CancelledError("a library gave up")  # not the supervisor cancelling it
+        await stop.wait()
+
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -268,6 +296,7 @@ async def test_a_crashing_task_is_restarted_and_readiness_says_why_while_it_is_d
         resources.supervisor.initial_backoff = 0.05
         resources.supervisor.start("flaky", flaky)
         resources.supervisor.start("broken", crashing_for_good)
+        resources.supervisor.start("cancelled", cancelled_by_a_library)
         yield
 
     app = build_service_app("pricing", settings, title="t", description="t", routers=[], lifespan=lifespan)
@@ -286,6 +315,7 @@ async def test_a_crashing_task_is_restarted_and_readiness_says_why_while_it_is_d
         tasks = {t["name"]: t for t in body["error"]["details"]["tasks"]}
         assert tasks["flaky"]["state"] == "running" and tasks["flaky"]["restarts"] == 2
         assert tasks["broken"]["restarts"] >= 1
+        assert tasks["cancelled"]["state"] == "running" and tasks["cancelled"]["restarts"] == 1
         metrics = (await client.get("/metrics")).text
         assert 'supervised_task_restarts_total{task="flaky"} 2.0' in metrics
 
@@ -325,3 +355,63 @@ async def test_servers_older_than_the_minimum_are_refused_naming_both_versions(s
     with pytest.raises(UnsupportedServerError) as refused:
         await ensure_supported_servers(engine, redis, min_redis=(99, 0))
     assert f"Redis {versions['redis']}" in str(refused.value)
+
+
+async def test_a_database_outage_does_not_spend_the_entries_delivery_budget(
+    settings, redis, sessions, exchange_fixtures, db
+):
+    from shared.db import create_engine, session_factory
+
+    dead = create_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    broken = PricingService(
+        settings,
+        sessions=session_factory(dead),
+        publisher=_publisher(redis, settings),
+        cache=PriceCache(redis, settings),
+    )
+    consumer = tick_consumer(redis, settings, broken, consumer="during-outage")
+    await consumer.ensure_group()
+    ticks = recorded_ticks(exchange_fixtures)
+    await _publisher(redis, settings).publish_many(TICKS_STREAM, [t.to_stream() for t in ticks])
+    # Many more rounds than the delivery budget (5), each past the claim delay (200 ms in tests).
+    for _ in range(3 * settings.stream_max_deliveries):
+        with contextlib.suppress(StoreUnavailable):
+            await consumer.step()
+        await asyncio.sleep(settings.stream_claim_idle_ms / 1000 + 0.05)
+    await dead.dispose()
+    key = f"{settings.redis_namespace}:stream:ticks"
+    assert await redis.xlen(f"{key}:dlq") == 0
+    pending = await redis.xpending_range(key, "pricing", min="-", max="+", count=1000)
+    assert len(pending) == len(ticks)
+    assert max(int(p["times_delivered"]) for p in pending) <= 1
+    # PostgreSQL is back (a working service): every entry is applied.
+    healthy = PricingService(
+        settings, sessions=sessions, publisher=_publisher(redis, settings), cache=PriceCache(redis, settings)
+    )
+    survivor = tick_consumer(redis, settings, healthy, consumer="after-outage")
+
+    async def applied() -> bool:
+        await survivor.step()
+        return await db.fetchval("SELECT count(*) FROM ticks") == len(ticks)
+
+    await eventually(applied, timeout=15, interval=0.1)
+
+
+async def test_a_request_that_needs_an_unreachable_database_gets_a_503(server_redis_url, namespace):
+    router = APIRouter()
+
+    @router.get("/needs-db")
+    async def needs_db(request: Request) -> dict[str, Any]:
+        async with transaction(request.app.state.resources.sessions) as session:
+            return {"value": (await session.execute(text("SELECT 1"))).scalar_one()}
+
+    settings = make_settings(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", server_redis_url, namespace)
+    app = build_service_app("pricing", settings, title="t", description="t", routers=[router])
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get("/needs-db")
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert "database" in response.json()["error"]["message"]
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["details"]["postgres"].startswith("unavailable")

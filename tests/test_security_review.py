@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import secrets
 import time
 import tomllib
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,35 +28,11 @@ from services.ingest.app import create_app as ingest_app
 from services.pricing.app import create_app as pricing_app
 from shared.auth import OidcTokenVerifier, Principal, TokenError, sign_internal
 from shared.settings import ConfigurationError, load_settings
-from tests.accounts import InternalCredential, SmtpSink, bearer, login, register, reset_link, tokens
-from tests.conftest import ROOT, eventually, free_port, serve_app
+from tests.accounts import InternalCredential, bearer, login, register, reset_link, tokens
+from tests.conftest import ROOT, eventually, free_port, serve_app, strong
 
 ADMIN = Principal(user_id=str(uuid.uuid4()), role="admin")
 USER = Principal(user_id=str(uuid.uuid4()), role="user")
-
-
-@pytest.fixture
-def smtp():
-    sink = SmtpSink()
-    sink.start()
-    try:
-        yield sink
-    finally:
-        sink.stop()
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    """No COINLYTICS_* variable and no .env file: settings come only from the test."""
-    for name in list(os.environ):
-        if name.upper().startswith("COINLYTICS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return monkeypatch
-
-
-def strong() -> str:
-    return secrets.token_urlsafe(48)
 
 
 # --- 1. X-Forwarded-For only from trusted proxies ---------------------------------------------------
@@ -512,3 +485,74 @@ def test_python_jose_requirement_excludes_vulnerable_releases():
     jose = next(Requirement(d) for d in project["dependencies"] if d.startswith("python-jose"))
     assert not jose.specifier.contains("3.3.0")
     assert jose.specifier.contains("3.4.0")
+
+
+class CuttingRedisProxy:
+    """A TCP relay to Redis that drops the connection of any command naming ``poison``: Redis going away at
+    exactly that step, after every earlier command of the request (the rate limit) was answered."""
+
+    def __init__(self, upstream_port: int, poison: bytes) -> None:
+        self.upstream_port = upstream_port
+        self.poison = poison
+        self.server: asyncio.Server | None = None
+        self.open: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            # Connections the gateway still holds go too: Redis is gone for good now.
+            for writer in self.open:
+                writer.close()
+            await self.server.wait_closed()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.open |= {client_writer, upstream_writer}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, inspect: bool) -> None:
+            try:
+                while chunk := await reader.read(65536):
+                    if inspect and self.poison in chunk:
+                        break
+                    writer.write(chunk)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                client_writer.close()
+                upstream_writer.close()
+
+        await asyncio.gather(pipe(client_reader, upstream_writer, True), pipe(upstream_reader, client_writer, False))
+
+
+async def test_reset_requests_answer_alike_for_known_and_unknown_addresses_when_redis_fails(
+    settings, smtp, server_redis_url
+):
+    """Redis failing at the mail-interval slot, then down altogether: a known and an unknown address get the
+    same answer each time, so the status code never tells which addresses have an account."""
+    common = settings.model_copy(update={"smtp_url": smtp.url})
+    async with serve_app(gateway_app(common)) as url, httpx.AsyncClient(base_url=url, timeout=20) as client:
+        await register(client, "known@example.com")
+    upstream = httpx.URL(server_redis_url).port or 6379
+    proxy = CuttingRedisProxy(upstream, poison=b"reset-mail")
+    failing = common.model_copy(update={"redis_url": await proxy.start()})
+    try:
+        async with serve_app(gateway_app(failing)) as url, httpx.AsyncClient(base_url=url, timeout=20) as client:
+
+            async def answers() -> list[tuple[int, str | None]]:
+                out = []
+                for address in ("known@example.com", "unknown@example.com"):
+                    response = await client.post("/api/v1/auth/password-reset", json={"email": address})
+                    out.append((response.status_code, response.json().get("error", {}).get("code")))
+                return out
+
+            assert await answers() == [(503, "service_unavailable")] * 2
+            await proxy.stop()
+            assert await answers() == [(503, "service_unavailable")] * 2
+    finally:
+        await proxy.stop()

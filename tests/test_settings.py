@@ -4,7 +4,6 @@ refuses to start with a readable message instead of a traceback."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +11,10 @@ from pathlib import Path
 import pytest
 
 from shared.settings import DEV_HMAC_KEY, DEV_JWT_SECRET, ConfigurationError, Settings, load_settings
+from tests.conftest import strong
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = ("COINLYTICS_JWT_SECRET", "COINLYTICS_HMAC_KEY")
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    """An environment without any COINLYTICS_* variable and a working directory without a .env file."""
-    for name in list(os.environ):
-        if name.upper().startswith("COINLYTICS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return monkeypatch
-
-
-def strong() -> str:
-    return secrets.token_urlsafe(48)
 
 
 WEAK_VALUES = {

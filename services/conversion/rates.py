@@ -24,6 +24,8 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any
 
 from services.conversion.ecb import published_at
+from shared.messages import effective_status
+from shared.timeparse import iso_z
 
 CALC = Context(prec=34, rounding=ROUND_HALF_EVEN)
 RATE_SIGNIFICANT_DIGITS = 18
@@ -51,10 +53,6 @@ ISO_MINOR_UNITS: dict[str, int] = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def parse_iso(value: str) -> datetime:
@@ -98,7 +96,7 @@ class Edge:
             "to": self.b if forward else self.a,
             "rate": rate_out(rate),
             "source": self.source,
-            "as_of": iso(self.as_of),
+            "as_of": iso_z(self.as_of),
         }
         out.update(dict(self.detail))
         return out
@@ -316,7 +314,8 @@ def _price_edge(doc: Mapping[str, Any], now: datetime) -> Edge | None:
     penalty = 0.4 * min(max(age / CRYPTO_MAX_AGE, 0.0), 1.0) + _liquidity_penalty(
         volume * price if volume is not None else None
     )
-    usable = doc.get("status") == "fresh" and age <= CRYPTO_MAX_AGE
+    # Pricing's freshness re-checked against the clock (fresh_until), then conversion's own age bound.
+    usable = effective_status(dict(doc), now) == "fresh" and age <= CRYPTO_MAX_AGE
     return Edge(
         str(doc["base"]), str(doc["vs"]), price, as_of, "consolidated", usable, penalty,
         (("status", doc.get("status")), ("sources_used", doc.get("sources_used"))),
@@ -358,7 +357,7 @@ def measured_stablecoin_rates(
         out[coin] = {
             "coin": coin,
             "rate": str(rate),
-            "as_of": iso(max(v[1] for v in values)),
+            "as_of": iso_z(max(v[1] for v in values)),
             "status": "fresh" if any(v[2] == "fresh" for v in values) else "stale",
             "method": f"median of {len(values)} market(s): coin USD price / coin {coin} price",
         }

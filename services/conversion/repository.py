@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db import delete_older_than
 from shared.models import Candle, Coin, ErrorLog, FiatRate, Price, RateSnapshot, SourceQuote
 
 INSERT_CHUNK = 2000  # 5 columns a row keeps far inside asyncpg's 32,767 bind parameters
@@ -186,14 +187,7 @@ async def snapshot_at(session: AsyncSession, at: datetime, window: timedelta) ->
 
 
 async def delete_snapshots_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
-    result = await session.execute(
-        text(
-            "DELETE FROM rate_snapshots WHERE id = ANY(ARRAY("
-            "SELECT id FROM rate_snapshots WHERE taken_at < :cutoff LIMIT :batch))"
-        ),
-        {"cutoff": cutoff, "batch": batch},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await delete_older_than(session, "rate_snapshots", "taken_at", cutoff, batch)
 
 
 async def record_error(

@@ -24,7 +24,6 @@ from services.conversion.rates import (
     Route,
     dumps,
     is_derived,
-    iso,
     measured_stablecoin_rates,
     parse_iso,
     plain,
@@ -37,6 +36,7 @@ from shared.db import transaction
 from shared.errors import NoFreshData, NotFound, UnknownCurrency, ValidationFailed
 from shared.messages import price_event
 from shared.settings import Settings
+from shared.timeparse import iso_z
 from shared.validation import SYMBOL_RE
 
 log = structlog.get_logger("conversion")
@@ -291,7 +291,7 @@ class ConversionService:
     ) -> dict[str, Any]:
         now = utcnow()
         if at > now + timedelta(minutes=5):
-            raise ValidationFailed(f"at: {iso(at)} is in the future; past moments only")
+            raise ValidationFailed(f"at: {iso_z(at)} is in the future; past moments only")
         live = await self.table()
         await self._require_known(live, [src, dst], historical=True)
         if src == dst:
@@ -305,7 +305,7 @@ class ConversionService:
             except NoRoute:
                 pass
             else:
-                note = f"rates as stored in snapshot {snapshot.id} taken at {iso(snapshot.taken_at)}"
+                note = f"rates as stored in snapshot {snapshot.id} taken at {iso_z(snapshot.taken_at)}"
                 body = self._render(src, dst, amount, route, table, precision, at=at, notes=[note], basis="snapshot")
                 body["snapshot_id"] = snapshot.id
                 return body
@@ -355,7 +355,7 @@ class ConversionService:
                 continue
             detail = (
                 ("candle_interval", row["interval"]),
-                ("candle_start", iso(row["t"])),
+                ("candle_start", iso_z(row["t"])),
                 ("candle_basis", "containing_candle_close" if containing else "nearest_earlier_close"),
             )
             table.add_node(base, "stablecoin" if base in STABLECOINS else live.kind(base))
@@ -409,15 +409,15 @@ class ConversionService:
         before = {c: t for c, t in earliest.items() if at < t}
         missing = [c for c in (src, dst) if c not in earliest]
         if before or missing:
-            parts = [f"{c}: the earliest stored data is {iso(t)}" for c, t in before.items()]
+            parts = [f"{c}: the earliest stored data is {iso_z(t)}" for c, t in before.items()]
             parts += [f"{c}: no stored history at all" for c in missing]
             return NoDataAtTime(
-                f"no rate from {src} to {dst} at {iso(at)}, which is before the earliest data ({'; '.join(parts)})",
-                details={"at": iso(at), "earliest": {c: iso(t) for c, t in earliest.items()}, "missing": missing},
+                f"no rate from {src} to {dst} at {iso_z(at)}, which is before the earliest data ({'; '.join(parts)})",
+                details={"at": iso_z(at), "earliest": {c: iso_z(t) for c, t in earliest.items()}, "missing": missing},
             )
         return NoDataAtTime(
-            f"no stored rate connects {src} to {dst} within {HISTORY_MAX_GAP.days} days before {iso(at)}",
-            details={"at": iso(at), "earliest": {c: iso(t) for c, t in earliest.items()}},
+            f"no stored rate connects {src} to {dst} within {HISTORY_MAX_GAP.days} days before {iso_z(at)}",
+            details={"at": iso_z(at), "earliest": {c: iso_z(t) for c, t in earliest.items()}},
         )
 
     def _identity(self, currency: str, amount: Decimal, table: RateTable, *, at: datetime | None) -> dict[str, Any]:
@@ -429,8 +429,8 @@ class ConversionService:
             "rate": Decimal(1),
             "path": [currency],
             "legs": [],
-            "as_of": iso(at or utcnow()),
-            "at": None if at is None else iso(at),
+            "as_of": iso_z(at or utcnow()),
+            "at": None if at is None else iso_z(at),
             "basis": "identity",
             "rounding": None,
             "notes": ["from and to are the same currency: the amount is returned unchanged"],
@@ -460,8 +460,8 @@ class ConversionService:
             "rate": rate_out(route.rate),
             "path": route.path,
             "legs": route.leg_dicts(),
-            "as_of": iso(route.as_of),
-            "at": None if at is None else iso(at),
+            "as_of": iso_z(route.as_of),
+            "at": None if at is None else iso_z(at),
             "basis": basis,
             "rounding": rounding.describe(unit),
             "notes": notes,
@@ -484,13 +484,13 @@ class ConversionService:
                 "rate": rate_out(route.rate),
                 "kind": table.kind(currency),
                 "path": route.path,
-                "as_of": iso(route.as_of),
+                "as_of": iso_z(route.as_of),
             }
         if not rates:
             raise NoFreshData(f"no fresh rate against {base} yet; sources may be starting or down", retry_after=10)
         return {
             "base": base,
-            "as_of": iso(table.updated_at or utcnow()),
+            "as_of": iso_z(table.updated_at or utcnow()),
             "fiat_day": None if table.fiat_day is None else table.fiat_day.isoformat(),
             "fiat_source": table.fiat_source,
             "rates": rates,
@@ -519,7 +519,7 @@ def _weekend_notes(route: Route, at: datetime) -> list[str]:
         if at.date().weekday() >= 5:
             why = f"{at.date().isoformat()} is a {at.strftime('%A')}"
         elif day == at.date() - timedelta(days=1) and at < published_at(at.date()):
-            why = f"{iso(at)} is before that day's 16:00 CET publication"
+            why = f"{iso_z(at)} is before that day's 16:00 CET publication"
         else:
             why = f"the ECB published no rates on {at.date().isoformat()} (a TARGET holiday or not yet published)"
         notes.append(
@@ -536,6 +536,6 @@ def fiat_doc(
     return {
         "day": day.isoformat(),
         "source": source or "ecb",
-        "fetched_at": None if fetched_at is None else iso(fetched_at),
+        "fetched_at": None if fetched_at is None else iso_z(fetched_at),
         "rates": {c: str(r) for c, r in sorted(rates.items())},
     }

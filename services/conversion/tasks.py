@@ -28,6 +28,7 @@ from services.conversion.service import ConversionService
 from services.conversion.simfiat import SIM_FIAT_SOURCE, next_rates
 from shared.db import transaction
 from shared.settings import Settings
+from shared.timeparse import iso_z
 
 log = structlog.get_logger("conversion")
 
@@ -85,7 +86,7 @@ async def write_health(redis: Redis, settings: Settings, *, ok: bool, stored: in
                        kind: str = "", message: str = "") -> None:  # fmt: skip
     """The source-health hash ingest keeps for exchanges, with the same fields, for /api/v1/admin/sources."""
     key = settings.key("source", SOURCE)
-    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    now = iso_z(datetime.now(UTC))
     current = {
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
         for k, v in (await redis.hgetall(key)).items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -24,33 +25,43 @@ class TickPublisher:
 
     Redelivered ticks are harmless: pricing stores them keyed by tick id."""
 
-    def __init__(self, publisher: StreamPublisher, source: str, max_held: int = MAX_HELD_TICKS) -> None:
+    def __init__(
+        self, publisher: StreamPublisher, source: str, max_held: int = MAX_HELD_TICKS, retry_seconds: float = 1.0
+    ) -> None:
         self.publisher = publisher
         self.source = source
         self.held: deque[dict[str, Any]] = deque(maxlen=max_held)
         self.dropped = 0
         self.failures = 0
+        # A busy websocket feed calls once per frame: while Redis is away, try at most this often.
+        self.retry_seconds = retry_seconds
+        self._failed_at: float | None = None
 
-    async def publish(self, ticks: Sequence[TickMessage]) -> bool:
-        """True when everything (held and new) reached the stream."""
+    async def publish(self, ticks: Sequence[TickMessage]) -> int | None:
+        """How many ticks reached the stream (held ones included), or None when they are held for later."""
         if not ticks and not self.held:
-            return True
+            return 0
         before = len(self.held)
         new = [t.to_stream() for t in ticks]
-        if before + len(new) > (self.held.maxlen or 0):
-            self.dropped += before + len(new) - (self.held.maxlen or 0)
+        overflow = before + len(new) - (self.held.maxlen or 0)
+        if overflow > 0:
+            self.dropped += overflow
         self.held.extend(new)
+        if self._failed_at is not None and time.monotonic() - self._failed_at < self.retry_seconds:
+            return None
         batch = list(self.held)
         try:
             await self.publisher.publish_many(TICKS_STREAM, batch)
         except (RedisError, OSError) as exc:
             self.failures += 1
+            self._failed_at = time.monotonic()
             log.warning(
                 "ticks_held", source=self.source, held=len(self.held), dropped=self.dropped,
                 error=f"{type(exc).__name__}: {exc}",
             )  # fmt: skip
-            return False
+            return None
         self.held.clear()
+        self._failed_at = None
         if before:
             log.info("held_ticks_published", source=self.source, count=before)
-        return True
+        return len(batch)

@@ -7,11 +7,11 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.db import transaction
+from shared.db import delete_older_than, transaction
 from shared.models import Coin, ErrorLog
 
 log = structlog.get_logger("ingest")
@@ -66,11 +66,4 @@ async def log_source_error(sessions: async_sessionmaker[AsyncSession], *, source
 
 async def delete_errors_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
     """The error log is written by ingest and conversion alike; its retention lives here, with its writer."""
-    result = await session.execute(
-        text(
-            "DELETE FROM error_log WHERE id = ANY(ARRAY("
-            "SELECT id FROM error_log WHERE created_at < :cutoff LIMIT :batch))"
-        ),
-        {"cutoff": cutoff, "batch": batch},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await delete_older_than(session, "error_log", "created_at", cutoff, batch)

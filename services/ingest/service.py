@@ -172,9 +172,13 @@ class SourceRunner:
         except Exception as exc:  # a source must never take the service down
             log.exception("source_unexpected_error", source=self.source.name)
             return await self._failed("unexpected", f"{type(exc).__name__}: {exc}", None)
-        if not await self.ticks.publish(ticks):
-            # Polled but not handed on: not "connected" as far as the platform is concerned.
-            return await self._failed("unavailable", "Redis refused the ticks; held for the next attempt", None)
+        published = await self.ticks.publish(ticks)
+        if published is None:
+            # Redis, not the exchange, is the problem: keep the source open and its backoff as it is, hold
+            # the ticks, and try again at the normal pace (the held ones go first).
+            self.health.state = "publish_failed"
+            self.health.errors["publish_failed"] = self.health.errors.get("publish_failed", 0) + 1
+            return self.interval
         by_kind: dict[str, list[Any]] = {}
         for item in rejected:
             kind = getattr(item, "kind", "rejected_quote")
@@ -189,9 +193,9 @@ class SourceRunner:
         self.health.state = "connected"
         self.health.backoff_seconds = 0.0
         self.health.last_message_at = now if ticks else self.health.last_message_at
-        self.health.messages_total += len(ticks)
+        self.health.messages_total += published
         self.health.rejected_total += len(rejected)
-        self.health.rate_window.append((time.monotonic(), len(ticks)))
+        self.health.rate_window.append((time.monotonic(), published))
         await self._save_health()
         return self.interval
 

@@ -712,9 +712,12 @@ class WebsocketRunner:
         wanted = set(self.coins)
         ticks = [t for t in ticks if t.base in wanted and t.quote in PREFERRED_QUOTES]
         if ticks or self.ticks.held:
-            await self.ticks.publish(ticks)
-            self.health.messages_total += len(ticks)
-            self.health.rate_window.append((time.monotonic(), len(ticks)))
+            published = await self.ticks.publish(ticks)
+            if published is None:
+                self._count("publish_failed")
+            else:
+                self.health.messages_total += published
+                self.health.rate_window.append((time.monotonic(), published))
         await self._save_health()
 
     async def _malformed(self, reason: str, text: str) -> None:
@@ -783,9 +786,12 @@ class WebsocketRunner:
             await self._record_error("rest_unexpected", f"{why}: {type(exc).__name__}: {exc}")
             return
         if ticks or self.ticks.held:
-            await self.ticks.publish(ticks)
-            self.health.messages_total += len(ticks)
-            self.health.last_message_at = datetime.now(UTC).isoformat()
+            published = await self.ticks.publish(ticks)
+            if published is None:
+                self._count("publish_failed")
+            else:
+                self.health.messages_total += published
+                self.health.last_message_at = datetime.now(UTC).isoformat()
         self.health.rejected_total += len(rejected)
         log.info("rest_poll", source=self.source.name, why=why, ticks=len(ticks), rejected=len(rejected))
 

@@ -19,6 +19,7 @@ from services.pricing.history import tasks as history_tasks
 from services.pricing.history.api import router as history_router
 from services.pricing.service import PriceCache, PricingService
 from shared.db import transaction
+from shared.errors import store_unavailable
 from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
@@ -39,8 +40,11 @@ async def refresh_loop(service: PricingService, resources: Resources, stop: asyn
             async with transaction(resources.sessions) as session:
                 symbols = await repository.tracked_symbols(session)
             await service.refresh(symbols)
-        except Exception as exc:  # a database or Redis hiccup: the next round retries
-            log.warning("freshness_refresh_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            store = store_unavailable(exc)
+            if store is None:
+                raise  # a bug, not an outage: the supervisor logs the traceback, counts it, restarts the loop
+            log.warning("freshness_refresh_failed", store=store, error=f"{type(exc).__name__}: {exc}")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -60,7 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         supervisor = resources.supervisor
         supervisor.start("tick-consumer", consumer.run, check=consumer.stall_reason)
         supervisor.start("freshness-refresh", lambda stop: refresh_loop(service, resources, stop))
-        supervisor.start("price-outbox", service.relay_outbox)
+        supervisor.start("price-outbox", service.relay_outbox, check=service.outbox_stall)
         supervise_worker(
             supervisor,
             settings,

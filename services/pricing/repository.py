@@ -196,8 +196,12 @@ async def delete_outbox(session: AsyncSession, ids: Sequence[int]) -> None:
         await session.execute(delete(PriceOutbox).where(PriceOutbox.id.in_(list(ids))))
 
 
-async def outbox_size(session: AsyncSession) -> int:
-    return int((await session.execute(text("SELECT count(*) FROM price_outbox"))).scalar_one())
+async def oldest_outbox_age(session: AsyncSession) -> float | None:
+    """Seconds the oldest unrelayed event has waited, or None when the outbox is empty."""
+    value = (
+        await session.execute(text("SELECT EXTRACT(EPOCH FROM now() - min(created_at)) FROM price_outbox"))
+    ).scalar_one()
+    return None if value is None else float(value)
 
 
 async def get_prices(session: AsyncSession, bases: Iterable[str], vs: Iterable[str]) -> list[Price]:

@@ -17,13 +17,13 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.pricing import repository
 from services.pricing.consolidation import USD_STABLECOINS, consolidate_all
 from services.pricing.history.service import record_consolidated
 from shared.db import transaction
+from shared.errors import store_unavailable
 from shared.hmac_sign import sign, verify
 from shared.messages import TickMessage, effective_status, price_event
 from shared.settings import Settings
@@ -35,8 +35,10 @@ FIAT_RATES_TTL_SECONDS = 60.0
 OUTBOX_BATCH = 1000
 # The relay's own pace when nothing wakes it (a failed publish does): bounds how long a leftover waits.
 OUTBOX_POLL_SECONDS = 1.0
-# How long a relayed event id is remembered on the stream side: far longer than any outage we retry through.
-PUBLISHED_MARKER_TTL_SECONDS = 86_400
+# How long a relayed event id is remembered on the stream side. A duplicate can only come from a relay whose
+# outbox delete failed to commit after its publish; the next relay runs as soon as PostgreSQL answers again,
+# so minutes are plenty, and a day of markers (one key per event) would cost Redis hundreds of MB.
+PUBLISHED_MARKER_TTL_SECONDS = 900
 
 
 class PriceCache:
@@ -54,14 +56,20 @@ class PriceCache:
     def _signed_part(self, base: str, vs: str, blob: bytes) -> bytes:
         return f"{self._key(base)}\n{vs}\n".encode() + blob
 
-    async def put(self, payloads: Sequence[dict[str, Any]]) -> None:
+    async def put(self, payloads: Sequence[dict[str, Any]], *, only_missing: bool = False) -> None:
+        """Store prices. ``only_missing`` is for rebuilds from PostgreSQL: the relay may have cached a newer
+        price since the row was read, and a rebuild must not put the older one back over it."""
         if not payloads:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for p in payloads:
                 blob = json.dumps(p, separators=(",", ":"), sort_keys=True).encode()
                 signature = sign(self.key_bytes, self._signed_part(p["base"], p["vs"], blob))
-                pipe.hset(self._key(p["base"]), p["vs"], signature.encode() + b"." + blob)
+                value = signature.encode() + b"." + blob
+                if only_missing:
+                    pipe.hsetnx(self._key(p["base"]), p["vs"], value)
+                else:
+                    pipe.hset(self._key(p["base"]), p["vs"], value)
             await pipe.execute()
 
     def _verified(self, base: str, vs: str, value: bytes) -> dict[str, Any] | None:
@@ -173,7 +181,9 @@ class PricingService:
         """Hand the committed events on at once; if Redis refuses, the background relay retries."""
         try:
             await self.relay_pending()
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
+            # Committed either way: whatever stopped the relay, the background relay retries it, and its
+            # supervisor (not this consumer) hears about errors that are not a passing outage.
             log.warning("price_events_deferred", error=f"{type(exc).__name__}: {exc}", retry="outbox relay")
             self._relay_wanted.set()
 
@@ -209,11 +219,22 @@ class PricingService:
                 return
             try:
                 relayed = await self.relay_pending()
-            except (RedisError, OSError, SQLAlchemyError) as exc:
-                log.warning("outbox_relay_waiting", error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                store = store_unavailable(exc)
+                if store is None:
+                    raise  # not an outage: the supervisor logs it with its traceback and restarts the relay
+                log.warning("outbox_relay_waiting", store=store, error=f"{type(exc).__name__}: {exc}")
                 continue
             if relayed:
                 log.info("outbox_relayed", count=relayed)
+
+    async def outbox_stall(self) -> str | None:
+        """The relay's health check: events that have waited in the outbox longer than the stall limit."""
+        async with transaction(self.sessions) as session:
+            age = await repository.oldest_outbox_age(session)
+        if age is not None and age > self.settings.stream_stall_seconds:
+            return f"price events waiting in the outbox for {age:.0f}s (not reaching the prices stream)"
+        return None
 
     async def read_prices(self, bases: Sequence[str], vs: Sequence[str]) -> dict[tuple[str, str], dict[str, Any]]:
         """Latest prices from the cache, else PostgreSQL (also while Redis is down), each with its status
@@ -233,7 +254,7 @@ class PricingService:
             rebuilt = [price_event(r) for r in rows if (r.base, r.vs) in wanted]
             if cache_up:
                 with contextlib.suppress(RedisError, OSError):
-                    await self.cache.put(rebuilt)
+                    await self.cache.put(rebuilt, only_missing=True)
             found.update({(p["base"], p["vs"]): p for p in rebuilt})
         now = datetime.now(UTC)
         for payload in found.values():

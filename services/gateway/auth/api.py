@@ -115,16 +115,13 @@ async def logout(request: Request, principal: Principal = Depends(require_princi
     tags=["auth"],
     summary="Ask for a password reset link by email",
     description='Example body: `{"email": "ada@example.com"}`. Always 202, whether or not the address '
-    "has an account; the link works once, for 30 minutes. One mail per account every few minutes at most "
+    "has an account; the link works once, for 30 minutes. One mail per address every few minutes at most "
     "(`COINLYTICS_PASSWORD_RESET_MAIL_INTERVAL_SECONDS`, 300): requests in between send nothing.",
-    responses=error_responses(422, 429),
+    responses=error_responses(422, 429, 503),
     dependencies=[Depends(guard_anonymous)],
 )
 async def password_reset(body: PasswordResetIn, request: Request) -> AcceptedOut:
-    service = _auth(request)
-    user_id = await service.find_resettable(body.email)
-    if user_id is not None:
-        await service.start_reset(user_id, client_address(request))
+    await _auth(request).request_reset(body.email, client_address(request))
     return AcceptedOut(message=RESET_ACCEPTED)
 
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db import delete_older_than
 from shared.models import Coin, PasswordResetToken, RefreshToken, User, UserActivity
 
 
@@ -153,11 +154,4 @@ async def tracked_coins(session: AsyncSession, symbols: list[str]) -> set[str]:
 
 
 async def delete_activity_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
-    result = await session.execute(
-        text(
-            "DELETE FROM user_activity WHERE id = ANY(ARRAY("
-            "SELECT id FROM user_activity WHERE created_at < :cutoff LIMIT :batch))"
-        ),
-        {"cutoff": cutoff, "batch": batch},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await delete_older_than(session, "user_activity", "created_at", cutoff, batch)

@@ -270,23 +270,24 @@ class AuthService:
 
     # --- password reset -------------------------------------------------------------------------
 
-    async def find_resettable(self, email: str) -> uuid.UUID | None:
-        async with transaction(self.sessions) as session:
-            user = await repository.user_by_email(session, email)
-        return user.id if user is not None and user.is_active else None
-
-    async def start_reset(self, user_id: uuid.UUID, client: str | None) -> None:
+    async def request_reset(self, email: str, client: str | None) -> None:
         """Sends the reset mail after the response: the answer can't reveal that this account exists.
 
-        At most one mail per account per ``password_reset_mail_interval_seconds``, so the endpoint can't
-        flood a mailbox; a request within the interval is answered the same and sends nothing."""
+        At most one mail per address per ``password_reset_mail_interval_seconds``, so the endpoint can't
+        flood a mailbox; a request within the interval is answered the same and sends nothing. The slot is
+        taken for every address, known or not, before the account is looked up: a Redis failure then
+        answers every address alike instead of only those that have an account."""
         interval = self.settings.password_reset_mail_interval_seconds
         if interval:
-            slot = self.settings.key("auth", "reset-mail", user_id.hex)
+            # ``email`` comes normalised (PasswordResetIn); hashed so Redis holds no address.
+            slot = self.settings.key("auth", "reset-mail", hash_token(email))
             if not await self.redis.set(slot, b"1", ex=interval, nx=True):
                 log.info("password_reset_mail_skipped", reason="one was sent recently")
                 return
-        self._background(self._send_reset_logged(user_id, client))
+        async with transaction(self.sessions) as session:
+            user = await repository.user_by_email(session, email)
+        if user is not None and user.is_active:
+            self._background(self._send_reset_logged(user.id, client))
 
     async def _send_reset_logged(self, user_id: uuid.UUID, client: str | None) -> None:
         try:

@@ -24,9 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.pricing.coins import repository
 from shared.db import transaction
 from shared.errors import UnknownCurrency, UnknownSymbol
+from shared.messages import status_at
 from shared.models import Coin, CoinMarketData, Price
 from shared.settings import Settings
 from shared.streams import StreamPublisher
+from shared.timeparse import iso_z
 
 log = structlog.get_logger("pricing.coins")
 
@@ -62,10 +64,6 @@ def market_cap(
     return None, None
 
 
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value is not None else None
-
-
 @dataclass
 class CoinView:
     coin: Coin
@@ -84,8 +82,10 @@ class CoinView:
             "change_1h_pct": None,
             "change_24h_pct": None,
             "change_7d_pct": None,
-            "last_updated": iso(self.price.last_updated) if self.price else None,
-            "price_status": self.price.status if self.price else None,
+            "last_updated": iso_z(self.price.last_updated) if self.price else None,
+            "price_status": status_at(self.price.status, self.price.fresh_until, datetime.now(UTC))
+            if self.price
+            else None,
         }
 
 
@@ -94,7 +94,7 @@ def admin_view(coin: Coin, coingecko_id: str | None, change: str | None = None) 
         "symbol": coin.symbol,
         "name": coin.name,
         "active": coin.active,
-        "added_at": iso(coin.added_at),
+        "added_at": iso_z(coin.added_at),
         "coingecko_id": coingecko_id,
         "change": change,
     }
@@ -195,7 +195,7 @@ class CoinsService:
                 "circulating_supply": data.circulating_supply if data else None,
                 "total_supply": data.total_supply if data else None,
                 "market_cap_method": view.market_cap_method,
-                "market_data_updated_at": iso(data.updated_at) if data else None,
+                "market_data_updated_at": iso_z(data.updated_at) if data else None,
                 "sources_used": sorted({q.source for q in quotes if q.status == "used"}),
                 "sources": [
                     {
@@ -204,7 +204,7 @@ class CoinsService:
                         "quote": q.quote,
                         "price": q.price,
                         "volume_24h": q.volume_24h,
-                        "timestamp": iso(q.exchange_ts),
+                        "timestamp": iso_z(q.exchange_ts),
                         "status": q.status,
                     }
                     for q in quotes
@@ -259,7 +259,7 @@ class CoinsService:
             "symbol": view["symbol"],
             "name": view["name"],
             "active": view["active"],
-            "at": iso(datetime.now(UTC)),
+            "at": iso_z(datetime.now(UTC)),
         }
         try:
             await self.publisher.publish(COINS_STREAM, event)

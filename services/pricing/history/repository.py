@@ -10,6 +10,7 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db import delete_older_than
 from shared.models import BackfillProgress, Candle, Coin, Price
 
 # 12 columns a row keeps a chunk far below asyncpg's 32,767 bind parameters.
@@ -150,24 +151,11 @@ async def roll_up(session: AsyncSession, target: str, finer: str, *, until: date
 async def delete_ticks_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
     # ticks has no index on arrival time (it would cost the hot insert path); old rows sit at the start of
     # the heap, so each batch's scan stops early.
-    result = await session.execute(
-        text(
-            "DELETE FROM ticks WHERE ctid = ANY(ARRAY(SELECT ctid FROM ticks WHERE received_at < :cutoff LIMIT :batch))"
-        ),
-        {"cutoff": cutoff, "batch": batch},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await delete_older_than(session, "ticks", "received_at", cutoff, batch, key="ctid")
 
 
 async def delete_minute_candles_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
-    result = await session.execute(
-        text(
-            "DELETE FROM candles WHERE ctid = ANY(ARRAY("
-            "SELECT ctid FROM candles WHERE interval = '1m' AND t < :cutoff LIMIT :batch))"
-        ),
-        {"cutoff": cutoff, "batch": batch},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await delete_older_than(session, "candles", "t", cutoff, batch, key="ctid", where="interval = '1m'")
 
 
 async def symbol_known(session: AsyncSession, base: str) -> bool:

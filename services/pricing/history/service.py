@@ -22,6 +22,7 @@ from services.ingest import repository as ingest_repository
 from services.pricing.history import repository
 from shared.db import transaction
 from shared.errors import UnknownCurrency, UnknownSymbol, ValidationFailed
+from shared.timeparse import iso_z
 
 INTERVAL_SECONDS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14_400, "1d": 86_400}
 INTERVAL_CHOICES = (*INTERVAL_SECONDS, "auto")
@@ -154,8 +155,8 @@ def plan_query(
     start = start or end - DEFAULT_RANGE
     if start >= end:
         raise ValidationFailed(
-            f"start ({_iso(start)}) must be before end ({_iso(end)})",
-            details={"start": _iso(start), "end": _iso(end)},
+            f"start ({iso_z(start)}) must be before end ({iso_z(end)})",
+            details={"start": iso_z(start), "end": iso_z(end)},
         )
     chosen = choose_interval(start, end) if interval == "auto" else interval
     query = HistoryQuery(symbol, vs, start, end, chosen, auto=interval == "auto")
@@ -169,10 +170,6 @@ def plan_query(
             details={"interval": chosen, "points": points, "max_points": MAX_POINTS},
         )
     return query
-
-
-def _iso(ts: datetime) -> str:
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class HistoryService:
