@@ -32,7 +32,7 @@ run: $(STAMP)
 	@$(VENV)/bin/coinlytics run
 
 demo: $(STAMP)
-	@COINLYTICS_SOURCES=sim $(VENV)/bin/coinlytics run
+	@COINLYTICS_SOURCES=sim COINLYTICS_DATA_DIR=$${COINLYTICS_DATA_DIR:-./.coinlytics-demo} $(VENV)/bin/coinlytics run
 
 test: $(STAMP)
 	@$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)

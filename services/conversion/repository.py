@@ -8,10 +8,11 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.conversion.simfiat import SIM_FIAT_SOURCE
 from shared.db import delete_older_than
 from shared.models import Candle, Coin, ErrorLog, FiatRate, Price, RateSnapshot, SourceQuote
 
@@ -21,11 +22,14 @@ INSERT_CHUNK = 2000  # 5 columns a row keeps far inside asyncpg's 32,767 bind pa
 async def upsert_fiat_rates(
     session: AsyncSession, days: dict[date, dict[str, Decimal]], fetched_at: datetime, *, source: str = "ecb"
 ) -> int:
+    """Stores the rates; returns how many rows were written. Simulated rates (the demo's) only ever replace
+    simulated ones: a database that has also fetched the ECB keeps the real rates of those days."""
     rows = [
         {"currency": currency, "day": day, "per_eur": rate, "source": source, "fetched_at": fetched_at}
         for day, rates in days.items()
         for currency, rate in rates.items()
     ]
+    written = 0
     for start in range(0, len(rows), INSERT_CHUNK):
         stmt = insert(FiatRate).values(rows[start : start + INSERT_CHUNK])
         stmt = stmt.on_conflict_do_update(
@@ -35,9 +39,18 @@ async def upsert_fiat_rates(
                 "fetched_at": stmt.excluded.fetched_at,
                 "source": stmt.excluded.source,
             },
+            where=(FiatRate.source == SIM_FIAT_SOURCE) if source == SIM_FIAT_SOURCE else None,
         )
-        await session.execute(stmt)
-    return len(rows)
+        result = await session.execute(stmt)
+        written += int(getattr(result, "rowcount", 0) or 0)
+    return written
+
+
+async def delete_simulated_fiat_rates(session: AsyncSession) -> int:
+    """Drops every simulated rate: once real ECB rates are stored, a demo's leftovers must never be read as
+    real (days the ECB did not overwrite, or a simulated day newer than the ECB's latest)."""
+    result = await session.execute(delete(FiatRate).where(FiatRate.source == SIM_FIAT_SOURCE))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 @dataclass
@@ -47,15 +60,20 @@ class FiatState:
     days_in_last_90: int
 
 
-async def fiat_state(session: AsyncSession) -> FiatState:
+async def fiat_state(session: AsyncSession, *, source: str | None = None) -> FiatState:
+    """What is stored; with ``source``, only that publisher's rows count (the demo's simulated rates are no
+    recent ECB rates to a real run on the same database)."""
+    only = [] if source is None else [FiatRate.source == source]
     latest_day, fetched_at = (
-        await session.execute(select(func.max(FiatRate.day), func.max(FiatRate.fetched_at)))
+        await session.execute(select(func.max(FiatRate.day), func.max(FiatRate.fetched_at)).where(*only))
     ).one()
     days = 0
     if latest_day is not None:
         days = (
             await session.scalar(
-                select(func.count(func.distinct(FiatRate.day))).where(FiatRate.day > latest_day - timedelta(days=90))
+                select(func.count(func.distinct(FiatRate.day))).where(
+                    *only, FiatRate.day > latest_day - timedelta(days=90)
+                )
             )
             or 0
         )

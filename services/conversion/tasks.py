@@ -133,7 +133,8 @@ async def refresh_ecb_rates(
         async with httpx.AsyncClient(timeout=settings.source_timeout_seconds, follow_redirects=True) as client:
             got = await fetch(client, base, DAILY_FILE)
             async with transaction(sessions) as session:
-                state = await repository.fiat_state(session)
+                # Simulated days (a demo once ran on this database) don't make up for missing ECB history.
+                state = await repository.fiat_state(session, source=SOURCE)
             if force_history or state.days_in_last_90 < HISTORY_MIN_DAYS:
                 history = await fetch(client, base, HISTORY_FILE)
                 got = merge(history, got)
@@ -142,7 +143,10 @@ async def refresh_ecb_rates(
         return {"error": exc.kind, "message": str(exc)}
     async with transaction(sessions) as session:
         stored = await repository.upsert_fiat_rates(session, got.days, fetched_at)
+        dropped = await repository.delete_simulated_fiat_rates(session)
         day, confirmed_at, latest = await repository.latest_fiat(session)
+    if dropped:
+        log.info("simulated_fiat_rates_dropped", count=dropped, reason="real ECB rates are stored")
     # After commit: the cache never shows rates the database does not hold.
     if day is not None:
         await service.set_fiat(day, confirmed_at or fetched_at, latest, source=SOURCE)
@@ -170,9 +174,11 @@ async def _failed(
     await write_health(redis, settings, ok=False, kind=kind, message=message)
 
 
-async def startup_refresh_needed(sessions: async_sessionmaker[AsyncSession]) -> bool:
+async def startup_refresh_needed(sessions: async_sessionmaker[AsyncSession], source: str = SOURCE) -> bool:
+    """Whether ``source``'s own rates are missing or stale: rows of another source (the demo's simulated
+    ones in a real run) don't count."""
     async with transaction(sessions) as session:
-        state = await repository.fiat_state(session)
+        state = await repository.fiat_state(session, source=source)
     if state.latest_day is None or state.fetched_at is None:
         return True
     return datetime.now(UTC) - state.fetched_at > STARTUP_STALE_AFTER
