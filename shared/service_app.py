@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import uvicorn
@@ -32,6 +32,8 @@ from shared.streams import StreamPublisher
 from shared.supervisor import Supervisor
 
 log = structlog.get_logger("service")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,6 +78,23 @@ async def open_resources(
 def get_resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
+
+
+def lifespan_state(name: str, kind: type[T]) -> Callable[[Request], T]:
+    """The one way a route gets a service object: a FastAPI dependency returning what the service's lifespan
+    put on ``app.state`` under ``name``. Use it through an alias in the service's api module::
+
+        Pricing = Annotated[PricingService, Depends(lifespan_state("pricing", PricingService))]
+    """
+
+    def dependency(request: Request) -> T:
+        value = getattr(request.app.state, name, None)
+        if not isinstance(value, kind):
+            raise RuntimeError(f"the lifespan did not set app.state.{name} ({kind.__name__})")
+        return value
+
+    dependency.__name__ = f"{name}_from_lifespan"
+    return dependency
 
 
 class MetricsMiddleware:
