@@ -38,13 +38,13 @@ test: $(STAMP)
 	@$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check shared services tests bench
-	$(VENV)/bin/ruff format --check shared services tests bench
-	$(VENV)/bin/mypy shared services
+	$(VENV)/bin/ruff check coinlytics shared services tests bench
+	$(VENV)/bin/ruff format --check coinlytics shared services tests bench
+	$(VENV)/bin/mypy coinlytics shared services
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format shared services tests bench
-	$(VENV)/bin/ruff check --fix shared services tests bench
+	$(VENV)/bin/ruff format coinlytics shared services tests bench
+	$(VENV)/bin/ruff check --fix coinlytics shared services tests bench
 
 bench: $(STAMP)
 	@$(PY) -m bench

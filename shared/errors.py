@@ -62,11 +62,6 @@ class Conflict(AppError):
     code = "conflict"
 
 
-class PayloadTooLarge(AppError):
-    status = 413
-    code = "payload_too_large"
-
-
 class ValidationFailed(AppError):
     status = 422
     code = "validation_error"

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import RedisSettings
 from arq.worker import Worker
 
 from shared.settings import Settings
@@ -23,10 +23,6 @@ def arq_redis_settings(settings: Settings) -> RedisSettings:
 
 def queue_name(settings: Settings, service: str) -> str:
     return settings.key("arq", service)
-
-
-async def job_pool(settings: Settings) -> ArqRedis:
-    return await create_pool(arq_redis_settings(settings))
 
 
 def supervise_worker(

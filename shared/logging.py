@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
 import structlog
@@ -90,11 +89,3 @@ class CorrelationIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             _correlation_id.reset(token)
-
-
-async def with_correlation_id(cid: str | None, call: Callable[[], Awaitable[None]]) -> None:
-    token = _correlation_id.set(cid or new_correlation_id())
-    try:
-        await call()
-    finally:
-        _correlation_id.reset(token)

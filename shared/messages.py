@@ -11,8 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.streams import PoisonMessage
 from shared.timeparse import iso_z
-
-SYMBOL_PATTERN = r"^[A-Z0-9]{1,15}$"
+from shared.validation import STORED_SYMBOL_PATTERN
 
 
 def utc(value: datetime) -> datetime:
@@ -44,8 +43,8 @@ class TickMessage(BaseModel):
 
     tick_id: str = Field(min_length=1, max_length=200)
     source: str = Field(min_length=1, max_length=50)
-    base: str = Field(pattern=SYMBOL_PATTERN)
-    quote: str = Field(pattern=SYMBOL_PATTERN)
+    base: str = Field(pattern=STORED_SYMBOL_PATTERN)
+    quote: str = Field(pattern=STORED_SYMBOL_PATTERN)
     pair: str = Field(min_length=1, max_length=40)
     price: Decimal = Field(gt=0)
     bid: Decimal | None = Field(default=None, gt=0)

@@ -1,4 +1,10 @@
-"""The one schema shared by every service; alembic's history in shared/migrations follows it."""
+"""The one schema shared by every service; alembic's history in shared/migrations follows it.
+
+Each table has one writer, named beside its model ("Written by"): only that service's repository inserts,
+updates or deletes its rows. Another service reads it only through a read-only function of the writer's
+repository, imported from there (e.g. ``services.pricing.coins.repository.active_coins``). Retention of the
+append-only logs is one scheduled job (pricing's worker, ``services/pricing/history/tasks.py``) that calls
+each writer's own delete function, so the delete SQL stays with the writer."""
 
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class Base(DeclarativeBase):
 
 
 class Coin(Base):
+    """Written by: pricing (seeded from COINLYTICS_COINS at startup, changed by /api/v1/admin/coins)."""
+
     __tablename__ = "coins"
 
     symbol: Mapped[str] = mapped_column(String(15), primary_key=True)
@@ -51,7 +59,9 @@ class Coin(Base):
 
 
 class Tick(Base):
-    """Every normalised quote as it arrived; the key makes redelivered messages harmless."""
+    """Every normalised quote as it arrived; the key makes redelivered messages harmless.
+
+    Written by: pricing (its tick consumer; ingest only publishes ticks to the stream)."""
 
     __tablename__ = "ticks"
 
@@ -71,7 +81,7 @@ class Tick(Base):
 
 
 class SourceQuote(Base):
-    """The latest quote of each source for a pair, with how consolidation treated it."""
+    """The latest quote of each source for a pair, with how consolidation treated it. Written by: pricing."""
 
     __tablename__ = "source_quotes"
 
@@ -91,7 +101,7 @@ class SourceQuote(Base):
 
 
 class Price(Base):
-    """The latest consolidated price of a coin in one currency."""
+    """The latest consolidated price of a coin in one currency. Written by: pricing."""
 
     __tablename__ = "prices"
 
@@ -109,7 +119,10 @@ class Price(Base):
 
 
 class ErrorLog(Base):
-    """Failures of sources and consumers, kept for /api/v1/admin/errors and /api/v1/status."""
+    """Failures of sources and consumers, kept for /api/v1/admin/errors and /api/v1/status.
+
+    Written by: ingest (exchanges and CoinGecko; it serves and expires the log). Conversion's ECB job is a
+    source too and still appends its failures here: the one table with a second writer."""
 
     __tablename__ = "error_log"
 
@@ -125,7 +138,7 @@ class ErrorLog(Base):
 
 
 class CoinMarketData(Base):
-    """Metadata and market cap from CoinGecko, refreshed by a scheduled job."""
+    """Metadata and market cap from CoinGecko, refreshed by a scheduled job. Written by: ingest."""
 
     __tablename__ = "coin_market_data"
 
@@ -139,7 +152,10 @@ class CoinMarketData(Base):
 
 
 class Candle(Base):
-    """OHLCV per coin and currency. ``interval`` is '1m', '1h' or '1d'; coarser views aggregate these."""
+    """OHLCV per coin and currency. ``interval`` is '1m', '1h' or '1d'; coarser views aggregate these.
+
+    Written by: pricing (live candles, roll-ups, retention, and ``coinlytics backfill`` through pricing's
+    history package)."""
 
     __tablename__ = "candles"
 
@@ -163,7 +179,7 @@ class Candle(Base):
 
 class BackfillProgress(Base):
     """How far a backfill got per coin, currency, source and interval: [oldest, newest) is loaded, so a
-    rerun resumes instead of starting over."""
+    rerun resumes instead of starting over. Written by: pricing (its backfill)."""
 
     __tablename__ = "backfill_progress"
 
@@ -180,7 +196,9 @@ class BackfillProgress(Base):
 
 
 class FiatRate(Base):
-    """ECB euro reference rates: units of ``currency`` per 1 EUR on ``day`` (working days only)."""
+    """ECB euro reference rates: units of ``currency`` per 1 EUR on ``day`` (working days only).
+
+    Written by: conversion."""
 
     __tablename__ = "fiat_rates"
 
@@ -194,7 +212,9 @@ class FiatRate(Base):
 
 
 class RateSnapshot(Base):
-    """The full rate table as it was at ``taken_at`` (against ``base``), so past conversions reproduce."""
+    """The full rate table as it was at ``taken_at`` (against ``base``), so past conversions reproduce.
+
+    Written by: conversion."""
 
     __tablename__ = "rate_snapshots"
 
@@ -208,6 +228,8 @@ class RateSnapshot(Base):
 
 
 class User(Base):
+    """Written by: gateway (accounts; ``coinlytics create-admin`` goes through the gateway's AuthService)."""
+
     __tablename__ = "users"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -225,7 +247,9 @@ class User(Base):
 
 
 class RefreshToken(Base):
-    """One issued refresh token; tokens rotated from one login share a family (reuse revokes it)."""
+    """One issued refresh token; tokens rotated from one login share a family (reuse revokes it).
+
+    Written by: gateway."""
 
     __tablename__ = "refresh_tokens"
 
@@ -239,6 +263,8 @@ class RefreshToken(Base):
 
 
 class PasswordResetToken(Base):
+    """Written by: gateway."""
+
     __tablename__ = "password_reset_tokens"
 
     token_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -249,6 +275,8 @@ class PasswordResetToken(Base):
 
 
 class UserActivity(Base):
+    """Written by: gateway."""
+
     __tablename__ = "user_activity"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -263,7 +291,7 @@ class UserActivity(Base):
 
 class PriceOutbox(Base):
     """Price events committed with the consolidation that produced them, until relayed to the prices stream:
-    a publish that fails after commit is retried from here, never lost."""
+    a publish that fails after commit is retried from here, never lost. Written by: pricing."""
 
     __tablename__ = "price_outbox"
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 
 # A coin or currency symbol as stored: upper-case letters and digits.
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,15}$")
+STORED_SYMBOL_PATTERN = r"^[A-Z0-9]{1,15}$"
+SYMBOL_RE = re.compile(STORED_SYMBOL_PATTERN)
 # As accepted in a request: either case (symbols are case-insensitive).
 _SYMBOL = r"[A-Za-z0-9]{1,15}"
 SYMBOL_PATTERN = f"^{_SYMBOL}$"

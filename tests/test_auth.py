@@ -283,7 +283,7 @@ async def test_create_admin_command(settings, db):
         "COINLYTICS_HMAC_KEY": settings.hmac_key_bytes().decode(),
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", "create-admin", "--email", "Root@Example.com", "--password-stdin",
+        sys.executable, "-m", "coinlytics", "create-admin", "--email", "Root@Example.com", "--password-stdin",
         cwd=ROOT, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -16,12 +16,13 @@ import structlog
 from redis.asyncio import Redis
 
 from services.gateway.app import create_app as gateway_app
-from services.ingest.adapters import CcxtRestSource
-from services.ingest.service import SourceRunner, health_key, parse_health
+from services.ingest.rest import CcxtRestSource
+from services.ingest.runner import SourceRunner
 from services.pricing.app import create_app as pricing_app
 from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
 from shared.settings import Settings
+from shared.source_health import health_key, parse_health
 from shared.streams import TICKS_STREAM, StreamPublisher
 from tests.conftest import free_port, make_settings, serve_app
 from tests.replay import ReplayServer, Reply, serve_binance

@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 from services.ingest.app import create_app as ingest_app
-from services.ingest.coingecko.client import CoinGeckoClient, parse_retry_after
+from services.ingest.coingecko.client import CoinGeckoClient
 from services.ingest.coingecko.service import CoinGeckoRefresher
 from shared.db import create_engine, session_factory
+from shared.http import parse_retry_after
 from tests.accounts import InternalCredential
 from tests.conftest import eventually, make_settings, serve_app
 from tests.replay import ReplayServer, Reply

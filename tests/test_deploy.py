@@ -140,7 +140,7 @@ def test_compose_commands_name_existing_modules() -> None:
         if command != ["python", "-m", f"services.{name}"]:
             problems.append(f"{name}: command is {command!r}, expected python -m services.{name}")
     migrate = containers.get("migrate", {}).get("command")
-    if migrate != ["python", "-m", "shared.cli", "migrate"]:
+    if migrate != ["python", "-m", "coinlytics", "migrate"]:
         problems.append(f"migrate: command is {migrate!r}")
     assert not problems, "\n".join(problems)
 
@@ -330,8 +330,8 @@ def test_k8s_commands_name_existing_modules() -> None:
         if [c.get("command") for c in containers] != [["python", "-m", f"services.{name}"]]:
             problems.append(f"Deployment {name} does not run python -m services.{name}")
     job_commands = [c.get("command") for _, job in objects("Job") for c in pod_spec(job)["containers"]]
-    if ["python", "-m", "shared.cli", "migrate"] not in job_commands:
-        problems.append("no Job runs python -m shared.cli migrate")
+    if ["python", "-m", "coinlytics", "migrate"] not in job_commands:
+        problems.append("no Job runs python -m coinlytics migrate")
     assert not problems, "\n".join(problems)
 
 

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from shared.launcher import Launcher
+from coinlytics.launcher import Launcher
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(120)"]
 
@@ -106,7 +106,7 @@ def _alive(pid: int) -> bool:
 def test_generated_secrets_are_never_readable_by_others_not_even_before_chmod(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from shared.cli import ensure_secrets
+    from coinlytics.cli import ensure_secrets
 
     modes_seen: list[int] = []
     real_chmod = Path.chmod

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from services.ingest.adapters import CcxtRestSource, pair_map_markets
-from services.ingest.service import BAN_BACKOFF_SECONDS, IngestService, SourceRunner, health_key, parse_health
+from services.ingest.rest import CcxtRestSource, pair_map_markets
+from services.ingest.runner import BAN_BACKOFF_SECONDS, SourceRunner
+from services.ingest.service import IngestService
 from shared.messages import TickMessage
 from shared.settings import Settings
+from shared.source_health import health_key, parse_health
 from shared.streams import TICKS_STREAM, StreamPublisher
 from shared.supervisor import Supervisor
 from tests.conftest import eventually, make_settings
@@ -472,7 +474,7 @@ async def _more_than(redis: Redis, settings: Settings, count: int) -> bool:
 def test_parse_retry_after_accepts_seconds_and_dates():
     from email.utils import format_datetime
 
-    from services.ingest.adapters import parse_retry_after
+    from shared.http import parse_retry_after
 
     assert parse_retry_after("120") == 120
     soon = datetime.now(UTC).timestamp() + 60

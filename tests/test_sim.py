@@ -7,10 +7,12 @@ import json
 from collections import Counter
 from decimal import Decimal
 
-from services.ingest.adapters import SIM_SOURCES, SimSource, build_source
-from services.ingest.service import IngestService, health_key, parse_health
+from services.ingest.runner import build_source
+from services.ingest.service import IngestService
+from services.ingest.sim import SIM_SOURCES, SimSource
 from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
+from shared.source_health import health_key, parse_health
 from shared.streams import TICKS_STREAM, StreamPublisher
 from shared.supervisor import Supervisor
 from tests.conftest import eventually, make_settings

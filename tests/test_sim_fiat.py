@@ -15,7 +15,7 @@ from services.conversion.ecb import last_publication_day
 from services.conversion.service import ConversionService
 from services.conversion.simfiat import BAND, SIM_FIAT_SOURCE, SIM_FIAT_START
 from services.conversion.tasks import ecb_job, fiat_source, refresh_sim_fiat_rates, startup_refresh_needed
-from services.ingest.adapters import SIM_SOURCES, SimSource
+from services.ingest.sim import SIM_SOURCES, SimSource
 from services.pricing.service import PriceCache, PricingService
 from shared.db import create_engine, session_factory
 from shared.service_app import redis_client

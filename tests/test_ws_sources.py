@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from services.ingest.adapters import CcxtRestSource
-from services.ingest.service import IngestService, SourceHealth, health_key, parse_health
-from services.ingest.websocket import (
-    BinanceProtocol,
-    CoinbaseProtocol,
-    KrakenProtocol,
-    OkxProtocol,
+from services.ingest.exchanges.binance import BinanceProtocol
+from services.ingest.exchanges.coinbase import CoinbaseProtocol
+from services.ingest.exchanges.kraken import KrakenProtocol
+from services.ingest.exchanges.okx import OkxProtocol
+from services.ingest.rest import CcxtRestSource
+from services.ingest.service import IngestService
+from services.ingest.ws import (
     WebsocketRunner,
     WebsocketSource,
     build_ws_source,
@@ -35,6 +35,7 @@ from services.ingest.websocket import (
 )
 from shared.messages import TickMessage
 from shared.settings import Settings
+from shared.source_health import SourceHealth, health_key, parse_health
 from shared.streams import StreamPublisher
 from shared.supervisor import Supervisor
 from tests.conftest import eventually, free_port

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
 
 from services.conversion.schemas import ConvertOut, RatesOut
 from services.conversion.service import ConversionService, parse_amount, parse_currency
 from shared.errors import error_responses
 from shared.responses import DecimalJSONResponse
+from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
 from shared.validation import SYMBOL_PATTERN, TIME_DESCRIPTION, TIME_SCHEMA
 
@@ -44,9 +47,7 @@ Example: `GET /api/v1/convert?from=BTC&to=EUR&amount=1.5`, or
 """
 
 
-def _service(request: Request) -> ConversionService:
-    service: ConversionService = request.app.state.conversion
-    return service
+Conversion = Annotated[ConversionService, Depends(lifespan_state("conversion", ConversionService))]
 
 
 @router.get(
@@ -57,7 +58,7 @@ def _service(request: Request) -> ConversionService:
     responses=error_responses(404, 422, 503),
 )
 async def convert(
-    request: Request,
+    service: Conversion,
     from_: str = Query(
         alias="from", description="currency or coin to convert from", pattern=SYMBOL_PATTERN, examples=["BTC"]
     ),
@@ -77,7 +78,7 @@ async def convert(
     dst = parse_currency(to, "to")
     value = parse_amount(amount)
     moment = parse_time(at, "at") if at is not None else None
-    body = await _service(request).convert(src, dst, value, at=moment, precision=precision)
+    body = await service.convert(src, dst, value, at=moment, precision=precision)
     return DecimalJSONResponse(body)
 
 
@@ -91,10 +92,10 @@ async def convert(
     responses=error_responses(404, 422, 503),
 )
 async def rates(
-    request: Request,
+    service: Conversion,
     base: str = Query(
         default="USD", description="the currency rates are expressed against", pattern=SYMBOL_PATTERN, examples=["USD"]
     ),
 ) -> DecimalJSONResponse:
-    body = await _service(request).rates(parse_currency(base, "base"))
+    body = await service.rates(parse_currency(base, "base"))
     return DecimalJSONResponse(body)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.conversion.simfiat import SIM_FIAT_SOURCE
 from shared.db import delete_older_than
-from shared.models import Candle, Coin, ErrorLog, FiatRate, Price, RateSnapshot, SourceQuote
+from shared.models import ErrorLog, FiatRate, RateSnapshot
 
 INSERT_CHUNK = 2000  # 5 columns a row keeps far inside asyncpg's 32,767 bind parameters
 
@@ -119,74 +118,6 @@ async def fiat_currencies(session: AsyncSession) -> set[str]:
     return set(result.all())
 
 
-async def all_prices(session: AsyncSession) -> list[Price]:
-    result = await session.scalars(select(Price))
-    return list(result.all())
-
-
-async def stablecoin_quotes(session: AsyncSession, stablecoins: Iterable[str]) -> list[SourceQuote]:
-    result = await session.scalars(select(SourceQuote).where(SourceQuote.quote.in_(list(stablecoins))))
-    return list(result.all())
-
-
-async def tracked_coins(session: AsyncSession) -> set[str]:
-    result = await session.scalars(select(Coin.symbol).where(Coin.active.is_(True)))
-    return set(result.all())
-
-
-# One index probe per (coin, currency, interval): the candle with the latest start at or before the moment.
-CANDLES_AT_SQL = text(
-    """
-    SELECT k.base, k.vs, k.interval, c.t, c.close, c.volume
-    FROM unnest(CAST(:bases AS text[]), CAST(:vss AS text[]), CAST(:intervals AS text[])) AS k(base, vs, interval)
-    CROSS JOIN LATERAL (
-        SELECT t, close, volume FROM candles
-        WHERE candles.base = k.base AND candles.vs = k.vs AND candles.interval = k.interval
-          AND candles.t <= :at AND candles.t >= :earliest
-        ORDER BY candles.t DESC LIMIT 1
-    ) AS c
-    """
-)
-
-
-async def candles_at(
-    session: AsyncSession, keys: Sequence[tuple[str, str, str]], at: datetime, earliest: datetime
-) -> list[dict[str, Any]]:
-    if not keys:
-        return []
-    result = await session.execute(
-        CANDLES_AT_SQL,
-        {
-            "bases": [k[0] for k in keys],
-            "vss": [k[1] for k in keys],
-            "intervals": [k[2] for k in keys],
-            "at": at,
-            "earliest": earliest,
-        },
-    )
-    return [dict(row._mapping) for row in result.all()]
-
-
-async def candle_currencies(session: AsyncSession, bases: Iterable[str]) -> set[tuple[str, str]]:
-    """The (coin, currency) pairs priced now; their candles are the ones worth probing."""
-    wanted = list(bases)
-    result = await session.execute(select(Price.base, Price.vs).where(Price.base.in_(wanted)))
-    return {(row[0], row[1]) for row in result.all()}
-
-
-async def with_candles(session: AsyncSession, symbols: Iterable[str]) -> set[str]:
-    found = set()
-    for symbol in symbols:
-        if await session.scalar(select(Candle.base).where(Candle.base == symbol).limit(1)) is not None:
-            found.add(symbol)
-    return found
-
-
-async def first_candle(session: AsyncSession, base: str) -> datetime | None:
-    value: datetime | None = await session.scalar(select(func.min(Candle.t)).where(Candle.base == base))
-    return value
-
-
 async def insert_snapshot(session: AsyncSession, taken_at: datetime, base: str, rates: dict[str, Any]) -> int:
     snapshot = RateSnapshot(taken_at=taken_at, base=base, rates=rates)
     session.add(snapshot)
@@ -212,3 +143,16 @@ async def record_error(
     session: AsyncSession, *, source: str, kind: str, message: str, details: dict[str, Any] | None = None
 ) -> None:
     session.add(ErrorLog(source=source, kind=kind, message=message[:4000], details=details))
+
+
+# -- Read by other services (pricing derives fiat prices from these): the owner's read-only functions. --
+
+
+async def latest_fiat_rates(session: AsyncSession) -> dict[str, Decimal]:
+    """The latest ECB rate of every currency (units per EUR)."""
+    result = await session.execute(
+        select(FiatRate.currency, FiatRate.per_eur)
+        .distinct(FiatRate.currency)
+        .order_by(FiatRate.currency, FiatRate.day.desc())
+    )
+    return {row[0]: row[1] for row in result.all()}

@@ -32,6 +32,9 @@ from services.conversion.rates import (
     table_from_fields,
     utcnow,
 )
+from services.pricing import repository as pricing_repository
+from services.pricing.coins.repository import active_coins
+from services.pricing.history import repository as history_repository
 from shared.db import transaction
 from shared.errors import NoFreshData, NotFound, UnknownCurrency, ValidationFailed
 from shared.messages import price_event
@@ -186,11 +189,11 @@ class ConversionService:
         """The whole table from PostgreSQL (at startup, after Redis lost it, and periodically)."""
         async with self._rebuild_lock:
             async with transaction(self.sessions) as session:
-                prices = await repository.all_prices(session)
-                quotes = await repository.stablecoin_quotes(session, STABLECOINS)
+                prices = await pricing_repository.all_prices(session)
+                quotes = await pricing_repository.stablecoin_quotes(session, STABLECOINS)
                 day, fetched_at, fiat = await repository.latest_fiat(session)
                 fiat_source = None if day is None else await repository.fiat_day_source(session, day)
-                coins = await repository.tracked_coins(session)
+                coins = set(await active_coins(session))
             fields: dict[str, Any] = {"coins": sorted(coins)}
             for p in prices:
                 payload = price_event(p)
@@ -228,8 +231,8 @@ class ConversionService:
         if touches_stable and loop.time() - self._stable_at >= STABLE_REFRESH_SECONDS:
             self._stable_at = loop.time()
             async with transaction(self.sessions) as session:
-                prices = await repository.all_prices(session)
-                quotes = await repository.stablecoin_quotes(session, STABLECOINS)
+                prices = await pricing_repository.all_prices(session)
+                quotes = await pricing_repository.stablecoin_quotes(session, STABLECOINS)
             changed.update(self._stable_fields(prices, quotes))
         if changed:
             await self.cache.write(changed)
@@ -323,12 +326,12 @@ class ConversionService:
         crypto = [c for c in (src, dst) if live.kind(c) != "fiat" and c != "EUR"]
         async with transaction(self.sessions) as session:
             fiat = await repository.fiat_on_or_before(session, cutoff, cutoff - HISTORY_MAX_GAP)
-            pairs = await repository.candle_currencies(session, crypto) if crypto else set()
+            pairs = await pricing_repository.candle_currencies(session, crypto) if crypto else set()
             for base in crypto:
                 for vs in self.settings.vs_currencies:
                     pairs.add((base, vs))
             keys = [(b, v, iv) for b, v in sorted(pairs) for iv in CANDLE_INTERVALS]
-            rows = await repository.candles_at(session, keys, at, at - HISTORY_MAX_GAP - timedelta(days=1))
+            rows = await history_repository.candles_at(session, keys, at, at - HISTORY_MAX_GAP - timedelta(days=1))
         if fiat:
             table.add_node("EUR", "fiat")
         for currency, (day, rate, source) in fiat.items():
@@ -368,9 +371,9 @@ class ConversionService:
         if not unknown:
             return
         async with transaction(self.sessions) as session:
-            coins = await repository.tracked_coins(session)
+            coins = set(await active_coins(session))
             fiat = await repository.fiat_currencies(session)
-            candles = await repository.with_candles(session, unknown) if historical else set()
+            candles = await history_repository.with_candles(session, unknown) if historical else set()
         still = [c for c in unknown if c not in coins and c not in fiat and c not in candles and c != "EUR"]
         if still:
             raise UnknownCurrency(f"unknown currency or coin: {', '.join(still)}", details={"unknown": still})
@@ -403,7 +406,7 @@ class ConversionService:
                     if first_day is not None:
                         earliest[currency] = published_at(first_day)
                 else:
-                    first = await repository.first_candle(session, currency)
+                    first = await history_repository.first_candle(session, currency)
                     if first is not None:
                         earliest[currency] = first
         before = {c: t for c, t in earliest.items() if at < t}

@@ -28,6 +28,7 @@ from services.conversion.service import ConversionService
 from services.conversion.simfiat import SIM_FIAT_SOURCE, next_rates
 from shared.db import transaction
 from shared.settings import Settings
+from shared.source_health import SourceState, health_key, load_health, save_health
 from shared.timeparse import iso_z
 
 log = structlog.get_logger("conversion")
@@ -84,34 +85,18 @@ def ecb_url(settings: Settings) -> str:
 
 async def write_health(redis: Redis, settings: Settings, *, ok: bool, stored: int = 0, rejected: int = 0,
                        kind: str = "", message: str = "") -> None:  # fmt: skip
-    """The source-health hash ingest keeps for exchanges, with the same fields, for /api/v1/admin/sources."""
-    key = settings.key("source", SOURCE)
-    now = iso_z(datetime.now(UTC))
-    current = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in (await redis.hgetall(key)).items()
-    }
-    errors: dict[str, int] = {}
-    for part in filter(None, current.get("errors", "").split(",")):
-        name, _, count = part.partition("=")
-        errors[name] = int(count) if count.isdigit() else 0
-    fields = {
-        "name": SOURCE,
-        "kind": "rest",
-        "state": "connected" if ok else "error",
-        "last_message_at": now if ok else current.get("last_message_at", ""),
-        "last_error": current.get("last_error", "") if ok else message[:500],
-        "last_error_kind": current.get("last_error_kind", "") if ok else kind,
-        "last_error_at": current.get("last_error_at", "") if ok else now,
-        "backoff_seconds": "0.0",
-        "messages_total": str(int(current.get("messages_total") or 0) + stored),
-        "rejected_total": str(int(current.get("rejected_total") or 0) + rejected),
-        "messages_per_second": "0.0",
-    }
-    if not ok:
-        errors[kind] = errors.get(kind, 0) + 1
-    fields["errors"] = ",".join(f"{k}={v}" for k, v in sorted(errors.items()))
-    await redis.hset(key, mapping=fields)
+    """The ECB's entry in source health (shared/source_health.py, the codec every source writer uses), for
+    /api/v1/admin/sources: counters accumulate across runs, so the stored entry is read and updated."""
+    key = health_key(settings, SOURCE)
+    health = await load_health(redis, key, name=SOURCE, kind="rest")
+    if ok:
+        health.connected()
+        health.last_message_at = iso_z(datetime.now(UTC))
+    else:
+        health.failed(kind, message[:500], state=SourceState.ERROR, backoff_seconds=0.0)
+    health.messages_total += stored
+    health.rejected_total += rejected
+    await save_health(redis, key, health)
 
 
 async def refresh_ecb_rates(

@@ -15,6 +15,7 @@ from services.gateway.guard import resolve
 from services.gateway.schemas import StatusOut
 from services.gateway.service import Upstreams, not_routed, owning_service
 from shared.errors import Forbidden, Unauthorized, error_responses
+from shared.service_app import lifespan_state
 
 router = APIRouter()
 
@@ -28,9 +29,9 @@ Try it: `GET /api/v1/prices?symbols=BTC,ETH&vs=USD`.
 """
 
 
-def _upstreams(request: Request) -> Upstreams:
-    upstreams: Upstreams = request.app.state.upstreams
-    return upstreams
+# Also called directly: the forwarding route is a plain Starlette route, without dependency injection.
+_upstreams = lifespan_state("upstreams", Upstreams)
+_own_routes = lifespan_state("own_routes", list)
 
 
 @router.get(
@@ -101,7 +102,7 @@ async def forward(request: Request) -> Response:
 
 def _own_methods(request: Request) -> set[str]:
     methods: set[str] = set()
-    for route in request.app.state.own_routes:
+    for route in _own_routes(request):
         if route.path_regex.match(request.url.path):
             methods |= route.methods or set()
     return methods

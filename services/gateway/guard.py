@@ -7,7 +7,13 @@ from fastapi import Depends, Request
 from services.gateway.ratelimit import SlidingWindowLimiter
 from shared.auth import ANONYMOUS, Authenticator, Principal, bearer_token, oauth2_scheme
 from shared.errors import Forbidden, Unauthorized
+from shared.service_app import lifespan_state
 from shared.settings import Settings
+
+# Called as plain functions as well as through Depends: resolve() also serves the forwarding route.
+_settings = lifespan_state("settings", Settings)
+_authenticator = lifespan_state("authenticator", Authenticator)
+_limiter = lifespan_state("limiter", SlidingWindowLimiter)
 
 
 def client_address(request: Request) -> str:
@@ -22,9 +28,9 @@ async def resolve(request: Request) -> Principal:
     cached: Principal | None = getattr(request.state, "principal", None)
     if cached is not None:
         return cached
-    settings: Settings = request.app.state.settings
-    authenticator: Authenticator = request.app.state.authenticator
-    limiter: SlidingWindowLimiter = request.app.state.limiter
+    settings = _settings(request)
+    authenticator = _authenticator(request)
+    limiter = _limiter(request)
     token = bearer_token(request.headers.get("authorization"))
     principal = await authenticator.authenticate(token) if token else ANONYMOUS
     if principal.user_id is not None:
@@ -49,8 +55,8 @@ async def resolve(request: Request) -> Principal:
 
 async def guard_anonymous(request: Request) -> None:
     """For sign-in style routes: counted per client address, whatever token is sent along."""
-    settings: Settings = request.app.state.settings
-    limiter: SlidingWindowLimiter = request.app.state.limiter
+    settings = _settings(request)
+    limiter = _limiter(request)
     await limiter.enforce(
         f"ip:{client_address(request)}",
         limit=settings.rate_limit_anonymous,

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
-from services.ingest import repository
 from services.ingest.schemas import ErrorEntryOut, ErrorsOut, SourceHealthOut, SourcesOut
 from services.ingest.service import IngestService
 from shared.auth import require_admin
-from shared.db import transaction
 from shared.errors import error_responses
-from shared.service_app import get_resources
+from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
 from shared.validation import TIME_DESCRIPTION, TIME_SCHEMA
 
 # Every ingest route is an admin route: the role is checked here as well as by the internal-auth middleware.
 router = APIRouter(tags=["sources"], dependencies=[Depends(require_admin)])
+Ingest = Annotated[IngestService, Depends(lifespan_state("ingest", IngestService))]
 
 
 @router.get(
@@ -26,8 +26,7 @@ router = APIRouter(tags=["sources"], dependencies=[Depends(require_admin)])
     summary="Health of every market-data source",
     responses=error_responses(401, 403),
 )
-async def list_sources(request: Request) -> SourcesOut:
-    service: IngestService = request.app.state.ingest
+async def list_sources(service: Ingest) -> SourcesOut:
     return SourcesOut(sources=[SourceHealthOut(**h) for h in await service.health()])
 
 
@@ -38,7 +37,7 @@ async def list_sources(request: Request) -> SourcesOut:
     responses=error_responses(401, 403, 422),
 )
 async def list_errors(
-    request: Request,
+    service: Ingest,
     source: str | None = Query(default=None, max_length=50, examples=["binance"]),
     since: str | None = Query(
         default=None, description=TIME_DESCRIPTION, json_schema_extra=TIME_SCHEMA, examples=["2026-11-25T00:00:00Z"]
@@ -46,8 +45,7 @@ async def list_errors(
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> ErrorsOut:
     since_dt: datetime | None = parse_time(since, "since") if since is not None else None
-    async with transaction(get_resources(request).sessions) as session:
-        rows, counts = await repository.list_errors(session, source=source, since=since_dt, limit=limit)
+    rows, counts = await service.errors(source=source, since=since_dt, limit=limit)
     return ErrorsOut(
         counts=counts,
         entries=[

@@ -6,12 +6,17 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from shared.source_health import SourceState
+
 
 class SourceHealthOut(BaseModel):
     name: str = Field(examples=["binance"])
     kind: str | None = Field(default=None, examples=["rest"])
-    state: str | None = Field(default=None, examples=["connected"], description="connected, down, "
-                              "rate_limited, starting or disabled")  # fmt: skip
+    state: str | None = Field(
+        default=None,
+        examples=["connected"],
+        description="one of: " + ", ".join(SourceState),
+    )
     last_message_at: datetime | None = None
     last_error: str | None = None
     last_error_kind: str | None = None

@@ -14,9 +14,11 @@ from services.pricing import repository
 from services.pricing.api import router
 from services.pricing.coins.api import admin_router as coins_admin_router
 from services.pricing.coins.api import router as coins_router
+from services.pricing.coins.service import CoinsService
 from services.pricing.consumers import tick_consumer
 from services.pricing.history import tasks as history_tasks
 from services.pricing.history.api import router as history_router
+from services.pricing.history.service import HistoryService
 from services.pricing.service import PriceCache, PricingService
 from shared.db import transaction
 from shared.errors import store_unavailable
@@ -50,13 +52,17 @@ async def refresh_loop(service: PricingService, resources: Resources, stop: asyn
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
+        coins = CoinsService(settings, sessions=resources.sessions)
         service = PricingService(
             settings,
             sessions=resources.sessions,
             publisher=resources.publisher,
             cache=PriceCache(resources.redis, settings),
+            coins=coins,
         )
         app.state.pricing = service
+        app.state.coins = coins
+        app.state.history = HistoryService(resources.sessions, vs_currencies=settings.vs_currencies)
         async with transaction(resources.sessions) as session:
             await repository.seed_coins(session, settings.coins)
         consumer = tick_consumer(resources.redis, settings, service)

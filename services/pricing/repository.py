@@ -10,8 +10,9 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.conversion.repository import latest_fiat_rates as latest_fiat_rates
 from shared.messages import TickMessage
-from shared.models import Coin, FiatRate, Price, PriceOutbox, SourceQuote
+from shared.models import Coin, Price, PriceOutbox, SourceQuote
 
 TICK_COLUMNS = (
     "tick_id", "source", "base", "quote", "price", "bid", "ask", "volume_24h", "quote_volume_24h",
@@ -139,16 +140,6 @@ async def stablecoin_usd_rates(session: AsyncSession, stablecoins: Iterable[str]
     return {row[0]: row[1] for row in result.all()}
 
 
-async def latest_fiat_rates(session: AsyncSession) -> dict[str, Decimal]:
-    """The latest ECB rate of every currency (units per EUR)."""
-    result = await session.execute(
-        select(FiatRate.currency, FiatRate.per_eur)
-        .distinct(FiatRate.currency)
-        .order_by(FiatRate.currency, FiatRate.day.desc())
-    )
-    return {row[0]: row[1] for row in result.all()}
-
-
 async def quotes_for(session: AsyncSession, base: str) -> list[SourceQuote]:
     result = await session.scalars(
         select(SourceQuote).where(SourceQuote.base == base).order_by(SourceQuote.source, SourceQuote.quote)
@@ -230,3 +221,23 @@ async def seed_coins(session: AsyncSession, symbols: Iterable[str]) -> None:
     rows = [{"symbol": s} for s in symbols]
     if rows:
         await session.execute(insert(Coin).values(rows).on_conflict_do_nothing(index_elements=[Coin.symbol]))
+
+
+# -- Read by other services (conversion's rate graph): the owner's read-only functions, imported from here. --
+
+
+async def all_prices(session: AsyncSession) -> list[Price]:
+    result = await session.scalars(select(Price))
+    return list(result.all())
+
+
+async def stablecoin_quotes(session: AsyncSession, stablecoins: Iterable[str]) -> list[SourceQuote]:
+    result = await session.scalars(select(SourceQuote).where(SourceQuote.quote.in_(list(stablecoins))))
+    return list(result.all())
+
+
+async def candle_currencies(session: AsyncSession, bases: Iterable[str]) -> set[tuple[str, str]]:
+    """The (coin, currency) pairs priced now; their candles are the ones worth probing."""
+    wanted = list(bases)
+    result = await session.execute(select(Price.base, Price.vs).where(Price.base.in_(wanted)))
+    return {(row[0], row[1]) for row in result.all()}

@@ -20,10 +20,12 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.pricing import repository
+from services.pricing.coins.service import CoinsService
 from services.pricing.consolidation import USD_STABLECOINS, consolidate_all
+from services.pricing.consolidation import votes as source_votes
 from services.pricing.history.service import record_consolidated
 from shared.db import transaction
-from shared.errors import store_unavailable
+from shared.errors import NoFreshData, UnknownCurrency, UnknownSymbol, store_unavailable
 from shared.hmac_sign import sign, verify
 from shared.messages import TickMessage, effective_status, price_event
 from shared.settings import Settings
@@ -112,11 +114,14 @@ class PricingService:
         sessions: async_sessionmaker[AsyncSession],
         publisher: StreamPublisher,
         cache: PriceCache,
+        coins: CoinsService | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.publisher = publisher
         self.cache = cache
+        # Market cap and 24h change of /api/v1/prices come from the coins overview's definitions.
+        self.coins = coins or CoinsService(settings, sessions=sessions)
         self._fiat: dict[str, Decimal] | None = None
         self._fiat_at = 0.0
         # One relay at a time in this process (the database lock orders it across processes).
@@ -260,6 +265,105 @@ class PricingService:
         for payload in found.values():
             payload["status"] = effective_status(payload, now)
         return found
+
+    async def price_table(
+        self, bases: Sequence[str], currencies: Sequence[str], extras: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The body of /api/v1/prices: coin -> currency -> price and the requested ``extras``. A coin or
+        currency nobody knows is a 404; known ones with no price yet leave a gap (503 when all are gaps)."""
+        found = await self.read_prices(bases, currencies)
+        found_bases = {b for b, _ in found}
+        found_vs = {v for _, v in found}
+        missing_bases = [b for b in bases if b not in found_bases]
+        missing_vs = [v for v in currencies if v not in found_vs]
+        if missing_bases or missing_vs:
+            async with transaction(self.sessions) as session:
+                known = await repository.known_symbols(session, missing_bases) if missing_bases else set()
+                known_vs = await repository.known_currencies(session) if missing_vs else set()
+            unknown = [b for b in missing_bases if b not in known]
+            if unknown:
+                raise UnknownSymbol(f"unknown coin: {', '.join(unknown)}", details={"unknown": unknown})
+            configured = set(self.settings.vs_currencies)
+            unknown_vs = [v for v in missing_vs if v not in known_vs and v not in configured]
+            if unknown_vs:
+                raise UnknownCurrency(f"unknown currency: {', '.join(unknown_vs)}", details={"unknown": unknown_vs})
+        if not found:
+            raise NoFreshData(
+                "no price yet for the requested coins and currencies; sources may still be starting",
+                retry_after=5,
+            )
+        market: dict[tuple[str, str], dict[str, Decimal | None]] = {}
+        if "market_cap" in extras or "change_24h" in extras:
+            current = {key: Decimal(entry["price"]) for key, entry in found.items()}
+            market = await self.coins.price_extras(current, extras)
+        body: dict[str, dict[str, Any]] = {}
+        for base in bases:
+            for currency in currencies:
+                entry = found.get((base, currency))
+                if entry is None:
+                    continue
+                out: dict[str, Any] = {
+                    "price": Decimal(entry["price"]),
+                    "last_updated": entry["last_updated"].replace("+00:00", "Z"),
+                    "status": entry["status"],
+                    "sources_used": entry["sources_used"],
+                }
+                for extra in extras:
+                    if extra in ("market_cap", "change_24h"):
+                        out[extra] = market.get((base, currency), {}).get(extra)
+                        continue
+                    value = entry.get(extra)
+                    out[extra] = Decimal(value) if value is not None else None
+                body.setdefault(base, {})[currency] = out
+        return body
+
+    async def source_comparison(self, base: str, currency: str) -> dict[str, Any]:
+        """The body of /api/v1/prices/{symbol}/sources: each source's vote beside the consolidated price."""
+        async with transaction(self.sessions) as session:
+            known = await repository.known_symbols(session, [base])
+            if base not in known:
+                raise UnknownSymbol(f"unknown coin: {base}", details={"unknown": [base]})
+            quotes = await repository.quotes_for(session, base)
+            consolidated = await repository.get_price(session, base, currency)
+            stable = await repository.stablecoin_usd_rates(session, USD_STABLECOINS)
+        if consolidated is None and currency not in self.settings.vs_currencies:
+            raise UnknownCurrency(f"unknown currency: {currency}", details={"unknown": [currency]})
+        # One vote per source, chosen as consolidation chooses (direct market first, else most liquid).
+        groups, _ = source_votes(quotes, stable)
+        chosen = {(v.source, v.quote) for v in groups.get((base, currency), [])}
+        votes = [q for q in quotes if (q.source, q.quote) in chosen]
+        body: dict[str, Any] = {
+            "symbol": base,
+            "vs": currency,
+            "consolidated": None
+            if consolidated is None
+            else {
+                "price": consolidated.price,
+                "status": consolidated.status,
+                "sources_used": consolidated.sources_used,
+                "sources_total": consolidated.sources_total,
+                "method": consolidated.method,
+                "last_updated": consolidated.last_updated,
+            },
+            "sources": [
+                {
+                    "source": q.source,
+                    "pair": q.pair,
+                    "quote": q.quote,
+                    "price": q.price * stable.get(q.quote, Decimal(1)) if q.quote != currency else q.price,
+                    "quoted_price": q.price,
+                    "bid": q.bid,
+                    "ask": q.ask,
+                    "volume_24h": q.volume_24h,
+                    "timestamp": q.exchange_ts,
+                    "received_at": q.received_at,
+                    "transport": q.transport,
+                    "status": q.status,
+                }
+                for q in votes
+            ],
+        }
+        return body
 
 
 def _latest_per_pair(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
@@ -26,14 +27,13 @@ from services.gateway.auth.service import INVALID_LOGIN, RESET_ACCEPTED, AuthSer
 from services.gateway.guard import client_address, guard_anonymous, require_admin_principal, require_principal
 from shared.auth import Principal
 from shared.errors import Unauthorized, error_responses
+from shared.service_app import lifespan_state
 
 router = APIRouter()
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def _auth(request: Request) -> AuthService:
-    service: AuthService = request.app.state.auth
-    return service
+Auth = Annotated[AuthService, Depends(lifespan_state("auth", AuthService))]
 
 
 def _user_out(user: object) -> UserOut:
@@ -51,8 +51,8 @@ def _user_out(user: object) -> UserOut:
     responses=error_responses(409, 422, 429),
     dependencies=[Depends(guard_anonymous)],
 )
-async def register(body: RegisterIn, request: Request) -> UserOut:
-    user = await _auth(request).register(body.email, body.password, client_address(request))
+async def register(body: RegisterIn, request: Request, auth: Auth) -> UserOut:
+    user = await auth.register(body.email, body.password, client_address(request))
     return _user_out(user)
 
 
@@ -67,13 +67,15 @@ async def register(body: RegisterIn, request: Request) -> UserOut:
     responses=error_responses(401, 422, 429),
     dependencies=[Depends(guard_anonymous)],
 )
-async def login(request: Request, response: Response, form: OAuth2PasswordRequestForm = Depends()) -> TokenOut:
+async def login(
+    request: Request, auth: Auth, response: Response, form: OAuth2PasswordRequestForm = Depends()
+) -> TokenOut:
     try:
         email = normalise_email(form.username)
     except ValueError:
         # Same answer as a wrong password: the form's shape says nothing about accounts.
         raise Unauthorized(INVALID_LOGIN, headers={"WWW-Authenticate": "Bearer"}) from None
-    tokens = await _auth(request).login(email, form.password, client_address(request))
+    tokens = await auth.login(email, form.password, client_address(request))
     response.headers.update(NO_STORE)
     return tokens
 
@@ -88,8 +90,8 @@ async def login(request: Request, response: Response, form: OAuth2PasswordReques
     responses=error_responses(401, 422, 429),
     dependencies=[Depends(guard_anonymous)],
 )
-async def refresh(body: RefreshIn, request: Request, response: Response) -> TokenOut:
-    tokens = await _auth(request).refresh(body.refresh_token, client_address(request))
+async def refresh(body: RefreshIn, request: Request, auth: Auth, response: Response) -> TokenOut:
+    tokens = await auth.refresh(body.refresh_token, client_address(request))
     response.headers.update(NO_STORE)
     return tokens
 
@@ -103,8 +105,8 @@ async def refresh(body: RefreshIn, request: Request, response: Response) -> Toke
     "Example: `curl -X POST -H 'Authorization: Bearer eyJ...' /api/v1/auth/logout`.",
     responses=error_responses(401, 429),
 )
-async def logout(request: Request, principal: Principal = Depends(require_principal)) -> Response:
-    await _auth(request).logout(principal, client_address(request))
+async def logout(request: Request, auth: Auth, principal: Principal = Depends(require_principal)) -> Response:
+    await auth.logout(principal, client_address(request))
     return Response(status_code=204)
 
 
@@ -120,8 +122,8 @@ async def logout(request: Request, principal: Principal = Depends(require_princi
     responses=error_responses(422, 429, 503),
     dependencies=[Depends(guard_anonymous)],
 )
-async def password_reset(body: PasswordResetIn, request: Request) -> AcceptedOut:
-    await _auth(request).request_reset(body.email, client_address(request))
+async def password_reset(body: PasswordResetIn, request: Request, auth: Auth) -> AcceptedOut:
+    await auth.request_reset(body.email, client_address(request))
     return AcceptedOut(message=RESET_ACCEPTED)
 
 
@@ -135,8 +137,8 @@ async def password_reset(body: PasswordResetIn, request: Request) -> AcceptedOut
     responses=error_responses(400, 422, 429),
     dependencies=[Depends(guard_anonymous)],
 )
-async def password_reset_confirm(body: PasswordResetConfirmIn, request: Request) -> Response:
-    await _auth(request).confirm_reset(body.token, body.new_password, client_address(request))
+async def password_reset_confirm(body: PasswordResetConfirmIn, request: Request, auth: Auth) -> Response:
+    await auth.confirm_reset(body.token, body.new_password, client_address(request))
     return Response(status_code=204)
 
 
@@ -148,8 +150,8 @@ async def password_reset_confirm(body: PasswordResetConfirmIn, request: Request)
     description="Example: `curl -H 'Authorization: Bearer eyJ...' /api/v1/users/me`.",
     responses=error_responses(401, 429),
 )
-async def get_me(request: Request, principal: Principal = Depends(require_principal)) -> UserOut:
-    return _user_out(await _auth(request).me(_own_id(principal)))
+async def get_me(auth: Auth, principal: Principal = Depends(require_principal)) -> UserOut:
+    return _user_out(await auth.me(_own_id(principal)))
 
 
 @router.patch(
@@ -161,8 +163,10 @@ async def get_me(request: Request, principal: Principal = Depends(require_princi
     "(role, email, ...) are refused with 422.",
     responses=error_responses(401, 422, 429),
 )
-async def patch_me(body: UserPatch, request: Request, principal: Principal = Depends(require_principal)) -> UserOut:
-    return _user_out(await _auth(request).update_me(_own_id(principal), body, client_address(request)))
+async def patch_me(
+    body: UserPatch, request: Request, auth: Auth, principal: Principal = Depends(require_principal)
+) -> UserOut:
+    return _user_out(await auth.update_me(_own_id(principal), body, client_address(request)))
 
 
 @router.get(
@@ -175,12 +179,12 @@ async def patch_me(body: UserPatch, request: Request, principal: Principal = Dep
     responses=error_responses(401, 422, 429),
 )
 async def my_activity(
-    request: Request,
+    auth: Auth,
     principal: Principal = Depends(require_principal),
     limit: int = Query(default=50, ge=1, le=500),
     before_id: int | None = Query(default=None, ge=1, le=2**62, description="only entries older than this id"),
 ) -> ActivityListOut:
-    rows = await _auth(request).activity(_own_id(principal), limit=limit, before_id=before_id)
+    rows = await auth.activity(_own_id(principal), limit=limit, before_id=before_id)
     items = [ActivityOut.model_validate(r, from_attributes=True) for r in rows]
     return ActivityListOut(items=items, next_before_id=items[-1].id if len(items) == limit else None)
 
@@ -194,13 +198,13 @@ async def my_activity(
     responses=error_responses(401, 403, 422, 429),
 )
 async def list_users(
-    request: Request,
+    auth: Auth,
     _admin: Principal = Depends(require_admin_principal),
     email: str | None = Query(default=None, max_length=254, description="part of the address"),
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=10_000_000),
 ) -> UsersOut:
-    users, total = await _auth(request).list_users(limit=limit, offset=offset, email_contains=email)
+    users, total = await auth.list_users(limit=limit, offset=offset, email_contains=email)
     return UsersOut(total=total, users=[_user_out(u) for u in users])
 
 
@@ -217,9 +221,10 @@ async def patch_user(
     user_id: uuid.UUID,
     body: AdminUserPatch,
     request: Request,
+    auth: Auth,
     admin: Principal = Depends(require_admin_principal),
 ) -> UserOut:
-    user = await _auth(request).admin_update_user(admin, user_id, body.role, body.is_active, client_address(request))
+    user = await auth.admin_update_user(admin, user_id, body.role, body.is_active, client_address(request))
     return _user_out(user)
 
 

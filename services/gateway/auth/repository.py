@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import delete_older_than
-from shared.models import Coin, PasswordResetToken, RefreshToken, User, UserActivity
+from shared.models import PasswordResetToken, RefreshToken, User, UserActivity
 
 
 async def user_by_email(session: AsyncSession, email: str) -> User | None:
@@ -146,11 +146,6 @@ async def list_users(
     rows = (await session.execute(query.order_by(User.created_at, User.id).limit(limit).offset(offset))).scalars()
     total = (await session.execute(counted)).scalar_one()
     return rows.all(), int(total)
-
-
-async def tracked_coins(session: AsyncSession, symbols: list[str]) -> set[str]:
-    result = await session.execute(select(Coin.symbol).where(Coin.symbol.in_(symbols), Coin.active.is_(True)))
-    return {row[0] for row in result}
 
 
 async def delete_activity_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.gateway.auth import repository
 from services.gateway.auth.schemas import TokenOut, UserPatch
 from services.gateway.ratelimit import SlidingWindowLimiter
+from services.pricing.coins.repository import active_coins
 from shared.auth import LOCAL_ALGORITHM, Denylist, LocalTokenVerifier, Principal, TokenError
 from shared.db import transaction
 from shared.errors import BadRequest, Conflict, NotFound, RateLimited, Unauthorized, ValidationFailed
@@ -363,7 +364,7 @@ class AuthService:
         async with transaction(self.sessions) as session:
             if changes.get("watchlist"):
                 wanted: list[str] = changes["watchlist"]
-                known = set(self.settings.coins) | await repository.tracked_coins(session, wanted)
+                known = set(self.settings.coins) | set(await active_coins(session))
                 unknown = [s for s in wanted if s not in known]
                 if unknown:
                     raise ValidationFailed(

@@ -13,13 +13,12 @@ from typing import Any
 
 import aiohttp
 
-from services.ingest.adapters import parse_retry_after
+from shared.http import parse_retry_after
 
 DEFAULT_REST_URL = "https://api.coingecko.com/api/v3"
 # /coins/markets answers at most 250 rows a page; asking for more ids than that in one call loses rows.
 MAX_IDS_PER_CALL = 250
 MAX_BODY_BYTES = 8 * 1024 * 1024
-# A Retry-After beyond a day is treated as a day: a broken header must not silence the source for good.
 USER_AGENT = "coinlytics/0.1 (+self-hosted market data)"
 
 

@@ -17,9 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.ingest import repository as ingest_repository
 from services.ingest.coingecko import repository
 from services.ingest.coingecko.client import MAX_IDS_PER_CALL, CoinGeckoClient, CoinGeckoError, MarketRow
-from services.ingest.service import SourceHealth, health_key
+from shared.backoff import jittered_backoff
 from shared.db import transaction
 from shared.settings import Settings
+from shared.source_health import SourceHealth, SourceState, health_key, save_health
 
 log = structlog.get_logger("ingest.coingecko")
 
@@ -58,8 +59,7 @@ class RunResult:
 
 def backoff_delay(failures: int, retry_after: float | None) -> float:
     """Exponential backoff with jitter; a server's Retry-After is honoured as the minimum."""
-    ceiling = min(MAX_BACKOFF_SECONDS, BASE_BACKOFF_SECONDS * 2 ** max(failures - 1, 0))
-    delay = random.uniform(ceiling / 2, ceiling)
+    delay = jittered_backoff(failures, base=BASE_BACKOFF_SECONDS, cap=MAX_BACKOFF_SECONDS, jitter="equal")
     if retry_after is not None:
         # A little jitter on top so replicas told the same Retry-After do not return in lockstep.
         delay = retry_after + random.uniform(0, min(30.0, retry_after / 10))
@@ -97,7 +97,7 @@ class CoinGeckoRefresher:
         self.client = client
         self.known_ids = KNOWN_IDS if known_ids is None else known_ids
         self.min_run_spacing = min_run_spacing
-        self.health = SourceHealth(name=SOURCE, kind="scheduled", state="scheduled")
+        self.health = SourceHealth(name=SOURCE, kind="scheduled", state=SourceState.SCHEDULED)
         self.failures = 0
 
     @property
@@ -111,7 +111,7 @@ class CoinGeckoRefresher:
         """Publish the job's state before its first run (replaces ingest's placeholder entry)."""
         remaining = await self._backoff_remaining()
         if remaining:
-            self.health.state = "backing_off"
+            self.health.state = SourceState.BACKING_OFF
             self.health.backoff_seconds = remaining
         await self._save_health()
 
@@ -204,8 +204,7 @@ class CoinGeckoRefresher:
             result.error = str(failure)
             return result
         self.failures = 0
-        self.health.state = "connected"
-        self.health.backoff_seconds = 0.0
+        self.health.connected()
         self.health.last_message_at = now.isoformat()
         await self._save_health()
         lost = [s for s in missing if s in resolved or s in newly_unknown]
@@ -226,12 +225,8 @@ class CoinGeckoRefresher:
         delay = backoff_delay(self.failures, exc.retry_after)
         # Kept in Redis so a restart or another replica does not call before the deadline either.
         await self.redis.set(self._key("not_before"), datetime.now(UTC).isoformat(), px=max(1, int(delay * 1000)))
-        self.health.state = "rate_limited" if exc.kind == "rate_limited" else "down"
-        self.health.backoff_seconds = delay
-        self.health.errors[exc.kind] = self.health.errors.get(exc.kind, 0) + 1
-        self.health.last_error = str(exc)
-        self.health.last_error_kind = exc.kind
-        self.health.last_error_at = datetime.now(UTC).isoformat()
+        state = SourceState.RATE_LIMITED if exc.kind == "rate_limited" else SourceState.DOWN
+        self.health.failed(exc.kind, str(exc), state=state, backoff_seconds=delay)
         log.warning("source_failed", source=SOURCE, kind=exc.kind, reason=str(exc), retry_in=round(delay, 1))
         await self._record_error(exc.kind, str(exc))
         await self._save_health()
@@ -240,7 +235,4 @@ class CoinGeckoRefresher:
         await ingest_repository.log_source_error(self.sessions, source=SOURCE, kind=kind, message=message)
 
     async def _save_health(self) -> None:
-        try:
-            await self.redis.hset(health_key(self.settings, SOURCE), mapping=self.health.as_redis())
-        except Exception as exc:
-            log.warning("health_not_saved", source=SOURCE, error=str(exc))
+        await save_health(self.redis, health_key(self.settings, SOURCE), self.health)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
 
 from services.pricing.coins.schemas import AdminCoinOut, AdminCoinsOut, CoinCreateIn, CoinDetailOut, CoinOut
 from services.pricing.coins.service import CoinsService
 from shared.auth import require_admin
 from shared.errors import ValidationFailed, error_responses
 from shared.responses import DecimalJSONResponse
-from shared.service_app import get_resources
+from shared.service_app import lifespan_state
 from shared.validation import SYMBOL_PATTERN, SYMBOL_RE
 
 router = APIRouter(tags=["market data"])
@@ -21,9 +23,7 @@ MAX_PER_PAGE = 250
 MAX_PAGE = 10_000
 
 
-def _service(request: Request) -> CoinsService:
-    resources = get_resources(request)
-    return CoinsService(resources.settings, sessions=resources.sessions, publisher=resources.publisher)
+Coins = Annotated[CoinsService, Depends(lifespan_state("coins", CoinsService))]
 
 
 def _symbol(raw: str) -> str:
@@ -52,14 +52,14 @@ def _currency(raw: str) -> str:
     responses=error_responses(404, 422),
 )
 async def list_coins(
-    request: Request,
+    coins: Coins,
     vs: str = Query(
         default="USD", pattern=SYMBOL_PATTERN, description="currency of prices and market caps", examples=["USD"]
     ),
     page: int = Query(default=1, ge=1, le=MAX_PAGE, description="page number, from 1"),
     per_page: int = Query(default=100, ge=1, le=MAX_PER_PAGE, description="coins per page, 1-250"),
 ) -> DecimalJSONResponse:
-    entries, total = await _service(request).list_coins(_currency(vs), page, per_page)
+    entries, total = await coins.list_coins(_currency(vs), page, per_page)
     return DecimalJSONResponse(
         entries, headers={"X-Total-Count": str(total), "X-Page": str(page), "X-Per-Page": str(per_page)}
     )
@@ -75,11 +75,11 @@ async def list_coins(
     responses=error_responses(404, 422),
 )
 async def coin_detail(
-    request: Request,
+    coins: Coins,
     symbol: str = Path(pattern=SYMBOL_PATTERN, examples=["BTC"]),
     vs: str = Query(default="USD", pattern=SYMBOL_PATTERN, examples=["USD"]),
 ) -> DecimalJSONResponse:
-    return DecimalJSONResponse(await _service(request).coin_detail(_symbol(symbol), _currency(vs)))
+    return DecimalJSONResponse(await coins.coin_detail(_symbol(symbol), _currency(vs)))
 
 
 @admin_router.get(
@@ -89,8 +89,8 @@ async def coin_detail(
     description='Example: `GET /api/v1/admin/coins` → `{"coins": [{"symbol": "BTC", "active": true, ...}]}`',
     responses=error_responses(401, 403),
 )
-async def admin_list_coins(request: Request) -> DecimalJSONResponse:
-    return DecimalJSONResponse({"coins": await _service(request).admin_list()})
+async def admin_list_coins(coins: Coins) -> DecimalJSONResponse:
+    return DecimalJSONResponse({"coins": await coins.admin_list()})
 
 
 @admin_router.post(
@@ -99,15 +99,15 @@ async def admin_list_coins(request: Request) -> DecimalJSONResponse:
     status_code=201,
     summary="Track a coin, or track a removed one again (admin)",
     description="201 when the coin is new, 200 when it was reactivated or already tracked. Ingest picks the change "
-    "up without a restart (an event on the `coins` stream).\n\n"
+    "up without a restart (it re-reads the coins table every `COINLYTICS_COINS_REFRESH_SECONDS`).\n\n"
     'Example: `POST /api/v1/admin/coins` with `{"symbol": "MATIC", "name": "Polygon"}`',
     responses={
         200: {"description": "Reactivated or already tracked", "model": AdminCoinOut},
         **error_responses(401, 403, 422),
     },
 )
-async def admin_add_coin(request: Request, body: CoinCreateIn) -> DecimalJSONResponse:
-    view = await _service(request).add_coin(_symbol(body.symbol), body.name)
+async def admin_add_coin(coins: Coins, body: CoinCreateIn) -> DecimalJSONResponse:
+    view = await coins.add_coin(_symbol(body.symbol), body.name)
     return DecimalJSONResponse(view, status_code=201 if view["change"] == "added" else 200)
 
 
@@ -120,6 +120,6 @@ async def admin_add_coin(request: Request, body: CoinCreateIn) -> DecimalJSONRes
     responses=error_responses(401, 403, 404, 422),
 )
 async def admin_remove_coin(
-    request: Request, symbol: str = Path(pattern=SYMBOL_PATTERN, examples=["MATIC"])
+    coins: Coins, symbol: str = Path(pattern=SYMBOL_PATTERN, examples=["MATIC"])
 ) -> DecimalJSONResponse:
-    return DecimalJSONResponse(await _service(request).remove_coin(_symbol(symbol)))
+    return DecimalJSONResponse(await coins.remove_coin(_symbol(symbol)))

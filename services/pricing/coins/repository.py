@@ -1,4 +1,7 @@
-"""All SQL of the coins endpoints (tracked coins, their market data, and price history lookups)."""
+"""All SQL of the coins endpoints (tracked coins, their market data, and price history lookups).
+
+Pricing owns the ``coins`` table (its only writer). Other services read it only through
+``active_coins`` and ``coins_seeded``."""
 
 from __future__ import annotations
 
@@ -15,7 +18,21 @@ from shared.models import Candle, Coin, CoinMarketData, Price, SourceQuote
 CANDLE_LENGTHS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 
 
-async def active_coins(session: AsyncSession) -> list[tuple[Coin, CoinMarketData | None]]:
+async def active_coins(session: AsyncSession) -> list[str]:
+    """The tracked coins, for every service: oldest first, so an ingest source's symbol order stays stable
+    as coins are added. Read-only."""
+    result = await session.scalars(
+        select(Coin.symbol).where(Coin.active.is_(True)).order_by(Coin.added_at, Coin.symbol)
+    )
+    return list(result.all())
+
+
+async def coins_seeded(session: AsyncSession) -> bool:
+    """Whether pricing has seeded the coins table yet (any row, active or not). Read-only."""
+    return await session.scalar(select(Coin.symbol).limit(1)) is not None
+
+
+async def active_coins_with_data(session: AsyncSession) -> list[tuple[Coin, CoinMarketData | None]]:
     result = await session.execute(
         select(Coin, CoinMarketData)
         .outerjoin(CoinMarketData, CoinMarketData.symbol == Coin.symbol)

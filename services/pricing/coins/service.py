@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.pricing.coins import repository
@@ -27,12 +26,8 @@ from shared.errors import UnknownCurrency, UnknownSymbol
 from shared.messages import status_at
 from shared.models import Coin, CoinMarketData, Price
 from shared.settings import Settings
-from shared.streams import StreamPublisher
 from shared.timeparse import iso_z
 
-log = structlog.get_logger("pricing.coins")
-
-COINS_STREAM = "coins"
 # (field, how far back, how far the close may be from that moment)
 CHANGE_WINDOWS: tuple[tuple[str, timedelta, timedelta], ...] = (
     ("change_1h_pct", timedelta(hours=1), timedelta(minutes=5)),
@@ -101,12 +96,9 @@ def admin_view(coin: Coin, coingecko_id: str | None, change: str | None = None) 
 
 
 class CoinsService:
-    def __init__(
-        self, settings: Settings, *, sessions: async_sessionmaker[AsyncSession], publisher: StreamPublisher
-    ) -> None:
+    def __init__(self, settings: Settings, *, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.publisher = publisher
 
     async def _check_currency(self, session: AsyncSession, vs: str) -> None:
         if vs in self.settings.vs_currencies or await repository.currency_known(session, vs):
@@ -169,7 +161,7 @@ class CoinsService:
         now = datetime.now(UTC)
         async with transaction(self.sessions) as session:
             await self._check_currency(session, vs)
-            views = await self._views(session, await repository.active_coins(session), vs)
+            views = await self._views(session, await repository.active_coins_with_data(session), vs)
             views.sort(key=lambda v: (v.market_cap is None, -(v.market_cap or 0), v.coin.symbol))
             chunk = views[(page - 1) * per_page : page * per_page]
             entries = [v.summary() for v in chunk]
@@ -234,8 +226,6 @@ class CoinsService:
                 coin.name = name
             await session.flush()
             view = admin_view(coin, await repository.coingecko_id(session, symbol), change)
-        if change != "unchanged":
-            await self._announce(change, view)
         return view
 
     async def remove_coin(self, symbol: str) -> dict[str, Any]:
@@ -248,20 +238,4 @@ class CoinsService:
             coin.active = False
             await session.flush()
             view = admin_view(coin, await repository.coingecko_id(session, symbol), change)
-        if change != "unchanged":
-            await self._announce(change, view)
         return view
-
-    async def _announce(self, action: str, view: dict[str, Any]) -> None:
-        """After commit only. A lost event is tolerable: ingest also re-reads the coins table."""
-        event = {
-            "action": action,
-            "symbol": view["symbol"],
-            "name": view["name"],
-            "active": view["active"],
-            "at": iso_z(datetime.now(UTC)),
-        }
-        try:
-            await self.publisher.publish(COINS_STREAM, event)
-        except Exception as exc:
-            log.warning("coins_event_not_published", action=action, symbol=view["symbol"], error=str(exc))

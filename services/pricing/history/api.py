@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query
 
 from services.pricing.history.schemas import HistoryOut
 from services.pricing.history.service import INTERVAL_CHOICES, MAX_POINTS, HistoryService, plan_query
 from shared.errors import ValidationFailed, error_responses
 from shared.responses import DecimalJSONResponse
-from shared.service_app import get_resources
+from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
 from shared.validation import SYMBOL_PATTERN, SYMBOL_RE, TIME_DESCRIPTION, TIME_SCHEMA
 
@@ -20,6 +20,7 @@ router = APIRouter(tags=["market data"])
 INTERVAL_HEADER = "X-Interval"
 # INTERVAL_CHOICES as a type, so the schema lists them (tests/test_history.py keeps the two equal).
 Interval = Literal["1m", "5m", "15m", "1h", "4h", "1d", "auto"]
+History = Annotated[HistoryService, Depends(lifespan_state("history", HistoryService))]
 
 DESCRIPTION = f"""OHLCV candles of a coin in one currency, oldest first: every candle whose period overlaps
 [`start`, `end`).
@@ -59,7 +60,7 @@ def _symbol(raw: str, name: str) -> str:
     },
 )  # fmt: skip
 async def get_history(
-    request: Request,
+    service: History,
     symbol: str = Path(description="coin symbol, case-insensitive", pattern=SYMBOL_PATTERN, examples=["BTC"]),
     vs: str = Query(default="USD", description="currency", pattern=SYMBOL_PATTERN, examples=["USD"]),
     start: str | None = Query(
@@ -81,7 +82,5 @@ async def get_history(
         interval,
         now=datetime.now(UTC),
     )
-    resources = get_resources(request)
-    service = HistoryService(resources.sessions, vs_currencies=resources.settings.vs_currencies)
     rows = await service.candles(query)
     return DecimalJSONResponse(rows, headers={INTERVAL_HEADER: query.interval})

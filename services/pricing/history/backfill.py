@@ -9,12 +9,10 @@ where it stopped. Pages whose candles are all stored already are not requested a
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import ccxt.async_support as ccxt_async
 import structlog
@@ -23,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.pricing.consolidation import USD_STABLECOINS, vs_of
 from services.pricing.history import repository
 from services.pricing.history.service import floor_time
+from shared.backoff import jittered_backoff
+from shared.ccxt_client import build_exchange, has_exchange, response_retry_after
 from shared.db import transaction
 from shared.messages import to_decimal
 from shared.settings import Settings
@@ -49,17 +49,6 @@ class Progress(Protocol):
     def close(self) -> None: ...
 
 
-def _rebase(node: Any, base: str) -> Any:
-    """Point every URL in ccxt's ``urls['api']`` tree at ``base``, keeping each endpoint's path."""
-    if isinstance(node, str) and node.startswith(("http://", "https://")):
-        target, original = urlsplit(base), urlsplit(node)
-        path = target.path.rstrip("/") + original.path
-        return urlunsplit((target.scheme, target.netloc, path, original.query, original.fragment))
-    if isinstance(node, dict):
-        return {key: _rebase(value, base) for key, value in node.items()}
-    return node
-
-
 class OhlcvSource:
     """One exchange's OHLCV endpoint through ccxt, with ccxt's rate limiter on and retries with backoff."""
 
@@ -67,7 +56,7 @@ class OhlcvSource:
         self, name: str, *, rest_url: str | None, timeout_seconds: float, max_attempts: int = 5,
         base_delay: float = 1.0, max_delay: float = 60.0,
     ) -> None:  # fmt: skip
-        if not hasattr(ccxt_async, name):
+        if not has_exchange(name):
             raise BackfillError(f"unknown source {name!r}: ccxt has no exchange by that name")
         self.name = name
         self.rest_url = rest_url
@@ -80,16 +69,7 @@ class OhlcvSource:
     async def open(self) -> None:
         if self.exchange is not None:
             return
-        exchange = getattr(ccxt_async, self.name)(
-            {
-                "enableRateLimit": True,
-                "timeout": int(self.timeout_seconds * 1000),
-                "has": {"fetchCurrencies": False},
-                "options": {"fetchMarkets": {"types": ["spot"]}, "defaultType": "spot"},
-            }
-        )
-        if self.rest_url:
-            exchange.urls["api"] = _rebase(exchange.urls["api"], self.rest_url)
+        exchange = build_exchange(self.name, timeout_seconds=self.timeout_seconds, rest_url=self.rest_url)
         self.exchange = exchange
         if not exchange.has.get("fetchOHLCV"):
             raise BackfillError(f"{self.name} offers no OHLCV history through ccxt")
@@ -144,17 +124,11 @@ class OhlcvSource:
 
     def _backoff(self, attempt: int) -> float:
         # Full jitter: spreads retries of several runs instead of synchronising them.
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+        return jittered_backoff(attempt, base=self.base_delay, cap=self.max_delay)
 
     def _retry_after(self) -> float | None:
-        headers = getattr(self.exchange, "last_response_headers", None) or {}
-        for key, value in headers.items():
-            if key.lower() == "retry-after":
-                try:
-                    return min(self.max_delay, max(0.0, float(value)))
-                except ValueError:
-                    return None
-        return None
+        seconds = response_retry_after(self.exchange)
+        return None if seconds is None else min(self.max_delay, seconds)
 
     async def close(self) -> None:
         if self.exchange is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -223,3 +223,52 @@ async def set_progress(
         set_={"oldest": oldest, "newest": newest, "updated_at": func.now()},
     )
     await session.execute(stmt)
+
+
+# -- Read by other services (conversion, for conversions at a past moment): the owner's read-only functions. --
+
+
+# One index probe per (coin, currency, interval): the candle with the latest start at or before the moment.
+CANDLES_AT_SQL = text(
+    """
+    SELECT k.base, k.vs, k.interval, c.t, c.close, c.volume
+    FROM unnest(CAST(:bases AS text[]), CAST(:vss AS text[]), CAST(:intervals AS text[])) AS k(base, vs, interval)
+    CROSS JOIN LATERAL (
+        SELECT t, close, volume FROM candles
+        WHERE candles.base = k.base AND candles.vs = k.vs AND candles.interval = k.interval
+          AND candles.t <= :at AND candles.t >= :earliest
+        ORDER BY candles.t DESC LIMIT 1
+    ) AS c
+    """
+)
+
+
+async def candles_at(
+    session: AsyncSession, keys: Sequence[tuple[str, str, str]], at: datetime, earliest: datetime
+) -> list[dict[str, Any]]:
+    if not keys:
+        return []
+    result = await session.execute(
+        CANDLES_AT_SQL,
+        {
+            "bases": [k[0] for k in keys],
+            "vss": [k[1] for k in keys],
+            "intervals": [k[2] for k in keys],
+            "at": at,
+            "earliest": earliest,
+        },
+    )
+    return [dict(row._mapping) for row in result.all()]
+
+
+async def with_candles(session: AsyncSession, symbols: Iterable[str]) -> set[str]:
+    found = set()
+    for symbol in symbols:
+        if await session.scalar(select(Candle.base).where(Candle.base == symbol).limit(1)) is not None:
+            found.add(symbol)
+    return found
+
+
+async def first_candle(session: AsyncSession, base: str) -> datetime | None:
+    value: datetime | None = await session.scalar(select(func.min(Candle.t)).where(Candle.base == base))
+    return value

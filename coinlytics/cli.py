@@ -128,7 +128,7 @@ def cmd_migrate(_args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from shared.launcher import Launcher
+    from coinlytics.launcher import Launcher
 
     started = time.monotonic()
     if args.sources:
