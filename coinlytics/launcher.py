@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
+from shared.backoff import jittered_backoff
+
 COLOURS = ("\033[36m", "\033[33m", "\033[32m", "\033[35m", "\033[34m", "\033[31m")
 RESET = "\033[0m"
 
@@ -122,7 +124,8 @@ class Launcher:
             )
             return False
         service.restarts += 1
-        delay = min(self.max_backoff, self.initial_backoff * 2 ** min(service.crashes - 1, 16))
+        # No jitter: one launcher restarting one process has nobody to fall into lockstep with.
+        delay = jittered_backoff(service.crashes, base=self.initial_backoff, cap=self.max_backoff, jitter="none")
         service.next_start_at = time.monotonic() + delay
         self.say(
             f"{service.name} {describe_exit(code)} after {uptime:.1f}s; restarting in {delay:.2g}s "

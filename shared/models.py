@@ -121,8 +121,9 @@ class Price(Base):
 class ErrorLog(Base):
     """Failures of sources and consumers, kept for /api/v1/admin/errors and /api/v1/status.
 
-    Written by: ingest (exchanges and CoinGecko; it serves and expires the log). Conversion's ECB job is a
-    source too and still appends its failures here: the one table with a second writer."""
+    Written by: ingest (exchanges and CoinGecko; it serves and expires the log). Sources run by other
+    services (conversion's ECB job) report their failures on the source-errors stream, and ingest writes
+    them here."""
 
     __tablename__ = "error_log"
 

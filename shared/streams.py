@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.backoff import jittered_backoff
 from shared.errors import store_unavailable
 from shared.logging import get_correlation_id, new_correlation_id, set_correlation_id
 from shared.settings import Settings
@@ -37,6 +38,9 @@ TICKS_STREAM = "ticks"
 PRICES_STREAM = "prices"
 # Email requests for the alerting service's sender: {"id", "to", "subject", "text"}.
 EMAILS_STREAM = "emails"
+# Failures of sources run outside ingest (the conversion service's ECB job): {"id", "source", "kind",
+# "message", "at"}. Ingest owns the error log and writes them there (services/ingest/consumers.py).
+SOURCE_ERRORS_STREAM = "source-errors"
 
 
 class StoreUnavailable(Exception):
@@ -246,19 +250,21 @@ class StreamConsumer:
         await self.ensure_group()
         log.info("consumer_started", stream=self.stream, group=self.group, consumer=self.consumer)
         self.last_step_at = time.monotonic()
-        backoff = 0.5
+        outages = 0
         while not stop.is_set():
             try:
                 await self.step()
                 self.last_step_at = time.monotonic()
-                backoff = 0.5
+                outages = 0
             except (RedisConnectionError, RedisTimeoutError, OSError, StoreUnavailable) as exc:
+                outages += 1
+                delay = jittered_backoff(outages, base=0.5, cap=10.0, jitter="equal")
                 what = (
                     "consumer_store_unavailable" if isinstance(exc, StoreUnavailable) else "consumer_redis_unavailable"
                 )
-                log.warning(what, stream=self.stream, error=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                log.warning(what, stream=self.stream, error=str(exc), retry_in=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     # The stream was deleted (e.g. FLUSHDB): recreate the group and go on.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from shared.backoff import jittered_backoff
 
 log = structlog.get_logger("supervisor")
 
@@ -118,9 +119,8 @@ class Supervisor:
             supervised.last_error = error
             supervised.last_error_at = datetime.now(UTC)
             self._restarts.labels(supervised.name).inc()
-            # Full jitter under a doubling cap: many tasks failing on one outage do not retry in lockstep.
-            ceiling = min(self.max_backoff, self.initial_backoff * 2 ** min(failures - 1, 16))
-            delay = random.uniform(ceiling / 2, ceiling)
+            # Jittered under a doubling cap: many tasks failing on one outage do not retry in lockstep.
+            delay = jittered_backoff(failures, base=self.initial_backoff, cap=self.max_backoff, jitter="equal")
             supervised.state = "restarting"
             supervised.next_start_at = time.monotonic() + delay
             log.warning(

@@ -13,7 +13,9 @@ import pytest
 from services.conversion.ecb import EcbError, parse
 from services.conversion.service import ConversionService
 from services.conversion.tasks import refresh_ecb_rates
+from services.ingest.consumers import source_error_consumer
 from shared.db import create_engine, session_factory
+from shared.streams import StreamPublisher
 from tests.conftest import make_settings
 from tests.replay import ReplayServer, Reply
 
@@ -114,6 +116,13 @@ async def test_failures_are_logged_and_stored_rates_stay(ecb_env, exchange_fixtu
     first = await refresh_ecb_rates(conf, sessions, redis, service)
     second = await refresh_ecb_rates(conf, sessions, redis, service)
     assert first["error"] == "http_status" and second["error"] == "parse"
+    # The failures reach ingest's error log through the source-errors stream, once each however often the
+    # reports are delivered.
+    errors_consumer = source_error_consumer(redis, conf, sessions)
+    await errors_consumer.ensure_group()
+    await errors_consumer.step()
+    await redis.xgroup_setid(f"{conf.redis_namespace}:stream:source-errors", "ingest-errors", id="0")
+    await errors_consumer.step()
     errors = await db.fetch("SELECT source, kind, message FROM error_log ORDER BY id")
     assert [(e["source"], e["kind"]) for e in errors] == [("ecb", "http_status"), ("ecb", "parse")]
     assert "503" in errors[0]["message"]
@@ -130,3 +139,17 @@ async def test_disabled_when_not_a_source(ecb_env, db, redis, replay):
     assert "skipped" in result
     assert replay.requests == []
     assert await db.fetchval("SELECT count(*) FROM fiat_rates") == 0
+
+
+async def test_a_malformed_source_error_report_is_dead_lettered_not_stored(ecb_env, redis, db):
+    conf, sessions, _service = ecb_env
+    publisher = StreamPublisher(redis, namespace=conf.redis_namespace, maxlen=conf.stream_maxlen)
+    await publisher.publish("source-errors", {"id": "r1", "source": "ecb", "kind": "parse"})  # no message, no at
+    await publisher.publish(
+        "source-errors", {"id": "r2", "source": "ecb", "kind": "parse", "message": "x", "at": "yesterday"}
+    )
+    consumer = source_error_consumer(redis, conf, sessions)
+    await consumer.ensure_group()
+    await consumer.step()
+    assert consumer.dead_lettered == 2
+    assert await db.fetchval("SELECT count(*) FROM error_log") == 0

@@ -439,13 +439,15 @@ async def test_coins_added_and_removed_in_the_table_are_followed(binance, settin
     supervisor = Supervisor("ingest")
     await service.start(supervisor)
     try:
-        # Ingest seeds the configured coins itself.
-        assert [r["symbol"] for r in await db.fetch("SELECT symbol FROM coins WHERE active")] == ["BTC"]
+        # Before pricing seeded the coins table, ingest tracks the configured coins (and writes no coins row).
+        assert await db.fetchval("SELECT count(*) FROM coins") == 0
 
         async def bases() -> set[str]:
             return {t.base for t in await published(redis, settings)}
 
         await eventually(lambda: _has(bases, "BTC"))
+        # Pricing seeds the table (the configured BTC), then an admin adds ETH.
+        await db.execute("INSERT INTO coins (symbol, active) VALUES ('BTC', true)")
         await db.execute("INSERT INTO coins (symbol, active) VALUES ('ETH', true)")
         await eventually(lambda: _has(bases, "ETH"))
         await db.execute("UPDATE coins SET active = false WHERE symbol = 'BTC'")

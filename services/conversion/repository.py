@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.conversion.simfiat import SIM_FIAT_SOURCE
 from shared.db import delete_older_than
-from shared.models import ErrorLog, FiatRate, RateSnapshot
+from shared.models import FiatRate, RateSnapshot
 
 INSERT_CHUNK = 2000  # 5 columns a row keeps far inside asyncpg's 32,767 bind parameters
 
@@ -137,12 +137,6 @@ async def snapshot_at(session: AsyncSession, at: datetime, window: timedelta) ->
 
 async def delete_snapshots_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
     return await delete_older_than(session, "rate_snapshots", "taken_at", cutoff, batch)
-
-
-async def record_error(
-    session: AsyncSession, *, source: str, kind: str, message: str, details: dict[str, Any] | None = None
-) -> None:
-    session.add(ErrorLog(source=source, kind=kind, message=message[:4000], details=details))
 
 
 # -- Read by other services (pricing derives fiat prices from these): the owner's read-only functions. --

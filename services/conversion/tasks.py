@@ -5,6 +5,7 @@ repeated cron run changes nothing."""
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +30,7 @@ from services.conversion.simfiat import SIM_FIAT_SOURCE, next_rates
 from shared.db import transaction
 from shared.settings import Settings
 from shared.source_health import SourceState, health_key, load_health, save_health
+from shared.streams import SOURCE_ERRORS_STREAM, StreamPublisher
 from shared.timeparse import iso_z
 
 log = structlog.get_logger("conversion")
@@ -151,9 +153,13 @@ async def _failed(
     settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: Redis, kind: str, message: str
 ) -> None:
     log.error("source_failed", source=SOURCE, kind=kind, reason=message)
+    # Ingest owns the error log: the failure goes to it as a message, with an id that makes a redelivery
+    # harmless.
+    report = {"id": str(uuid.uuid4()), "source": SOURCE, "kind": kind, "message": message,
+              "at": iso_z(datetime.now(UTC))}  # fmt: skip
+    publisher = StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen)
     try:
-        async with transaction(sessions) as session:
-            await repository.record_error(session, source=SOURCE, kind=kind, message=message)
+        await publisher.publish(SOURCE_ERRORS_STREAM, report)
     except Exception as exc:  # the error log is best effort; the health hash below still says what happened
         log.warning("error_log_unavailable", source=SOURCE, error=str(exc))
     await write_health(redis, settings, ok=False, kind=kind, message=message)

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from services.ingest.api import router
 from services.ingest.coingecko.tasks import coingecko_jobs
+from services.ingest.consumers import source_error_consumer
 from services.ingest.service import IngestService
 from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
@@ -23,6 +24,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.ingest = service
         await service.start(resources.supervisor)
+        errors = source_error_consumer(resources.redis, settings, resources.sessions)
+        resources.supervisor.start("source-error-consumer", errors.run, check=errors.stall_reason)
         async with coingecko_jobs(settings, resources) as coingecko:
             supervise_worker(resources.supervisor, settings, "ingest", cron_jobs=coingecko.cron_jobs, ctx=coingecko.ctx)
             yield

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
 from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import delete_older_than, transaction
-from shared.models import Coin, ErrorLog
+from shared.models import ErrorLog
 
 log = structlog.get_logger("ingest")
 
@@ -21,6 +20,29 @@ async def record_error(
     session: AsyncSession, *, source: str, kind: str, message: str, details: dict[str, Any] | None = None
 ) -> None:
     session.add(ErrorLog(source=source, kind=kind, message=message[:4000], details=details))
+
+
+async def record_reported_error(
+    session: AsyncSession, *, report_id: str, source: str, kind: str, message: str, at: datetime
+) -> bool:
+    """Store a failure another service reported on the source-errors stream, once per report id (the
+    stream delivers at least once). True when it was new."""
+    result = await session.execute(
+        text(
+            "INSERT INTO error_log (source, kind, message, details, created_at) "
+            "SELECT :source, :kind, :message, CAST(:details AS jsonb), :at "
+            "WHERE NOT EXISTS (SELECT 1 FROM error_log WHERE details->>'report_id' = :report_id) RETURNING id"
+        ),
+        {
+            "source": source[:50],
+            "kind": kind[:50],
+            "message": message[:4000],
+            "details": json.dumps({"report_id": report_id}),
+            "at": at,
+            "report_id": report_id,
+        },
+    )
+    return result.first() is not None
 
 
 async def list_errors(
@@ -37,21 +59,6 @@ async def list_errors(
     rows = list((await session.scalars(query)).all())
     count_rows = (await session.execute(counts)).all()
     return rows, {row[0]: int(row[1]) for row in count_rows}
-
-
-async def seed_coins(session: AsyncSession, symbols: Iterable[str]) -> None:
-    """Insert the configured coins that are not there yet; rows that exist (active or not) stay untouched."""
-    rows = [{"symbol": symbol} for symbol in dict.fromkeys(symbols)]
-    if rows:
-        await session.execute(insert(Coin).values(rows).on_conflict_do_nothing(index_elements=[Coin.symbol]))
-
-
-async def active_coins(session: AsyncSession) -> list[str]:
-    """The coins ingest quotes, oldest first so a source's symbol order stays stable as coins are added."""
-    result = await session.scalars(
-        select(Coin.symbol).where(Coin.active.is_(True)).order_by(Coin.added_at, Coin.symbol)
-    )
-    return list(result.all())
 
 
 async def log_source_error(sessions: async_sessionmaker[AsyncSession], *, source: str, kind: str, message: str) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.ingest import repository
 from services.ingest.runner import SourceRunner, build_source
 from services.ingest.ws import WebsocketRunner, build_ws_source
+from services.pricing.coins.repository import active_coins, coins_seeded
 from shared.db import transaction
 from shared.models import ErrorLog
 from shared.settings import Settings
@@ -88,7 +89,6 @@ class IngestService:
 
     async def start(self, supervisor: Supervisor) -> None:
         self.build_runners()
-        await self._seed_coins()
         self.coins = await self._active_coins() or self.coins
         for runner in self.runners:
             runner.set_coins(self.coins)
@@ -107,19 +107,14 @@ class IngestService:
             supervisor.start(f"source:{runner.source.name}", runner.run)
         supervisor.start("ingest:coins", self._follow_coins)
 
-    async def _seed_coins(self) -> None:
-        # Pricing seeds too; doing it here as well lets ingest run alone. Existing rows (and their
-        # active flag, which admins own) are left as they are.
-        try:
-            async with transaction(self.sessions) as session:
-                await repository.seed_coins(session, self.settings.coins)
-        except Exception as exc:
-            log.warning("coins_not_seeded", error=str(exc))
-
     async def _active_coins(self) -> list[str] | None:
+        """The tracked coins from pricing's table (pricing owns it and seeds it at its start); None while
+        it is unreadable or not seeded yet, and the configured coins stay tracked meanwhile."""
         try:
             async with transaction(self.sessions) as session:
-                return await repository.active_coins(session)
+                if not await coins_seeded(session):
+                    return None
+                return await active_coins(session)
         except Exception as exc:
             log.warning("coins_not_read", error=str(exc))
             return None

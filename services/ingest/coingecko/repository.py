@@ -10,13 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.models import Coin, CoinMarketData
-
-
-async def tracked_symbols(session: AsyncSession) -> tuple[list[str], bool]:
-    """Active coins, and whether the coins table holds any row at all (empty before pricing seeded it)."""
-    rows = (await session.execute(select(Coin.symbol, Coin.active).order_by(Coin.symbol))).all()
-    return [symbol for symbol, active in rows if active], bool(rows)
+from shared.models import CoinMarketData
 
 
 async def stored_ids(session: AsyncSession, symbols: Sequence[str]) -> dict[str, str]:
@@ -43,3 +37,18 @@ async def upsert_market_data(
         set_={c: stmt.excluded[c] for c in rows[0] if c != "symbol"},
     )
     await session.execute(stmt)
+
+
+# -- Read by other services (pricing's coins endpoints): the owner's read-only functions, imported from here. --
+
+
+async def market_data(session: AsyncSession, symbols: Sequence[str]) -> dict[str, CoinMarketData]:
+    """The stored CoinGecko data of these coins, by symbol (coins without any are absent)."""
+    if not symbols:
+        return {}
+    result = await session.scalars(select(CoinMarketData).where(CoinMarketData.symbol.in_(list(symbols))))
+    return {row.symbol: row for row in result.all()}
+
+
+async def coingecko_id(session: AsyncSession, symbol: str) -> str | None:
+    return await session.scalar(select(CoinMarketData.coingecko_id).where(CoinMarketData.symbol == symbol))

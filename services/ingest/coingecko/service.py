@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.ingest import repository as ingest_repository
 from services.ingest.coingecko import repository
 from services.ingest.coingecko.client import MAX_IDS_PER_CALL, CoinGeckoClient, CoinGeckoError, MarketRow
+from services.pricing.coins.repository import active_coins, coins_seeded
 from shared.backoff import jittered_backoff
 from shared.db import transaction
 from shared.settings import Settings
@@ -146,7 +147,8 @@ class CoinGeckoRefresher:
             return RunResult(status="skipped", error="another run happened moments ago")
 
         async with transaction(self.sessions) as session:
-            symbols, seeded = await repository.tracked_symbols(session)
+            # Sorted: CoinGecko is asked for the coins in a stable order whatever order they were added in.
+            symbols, seeded = sorted(await active_coins(session)), await coins_seeded(session)
             if not seeded:
                 # Pricing seeds the coins table at its start; until then the configured coins are tracked.
                 symbols = list(self.settings.coins)

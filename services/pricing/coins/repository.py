@@ -13,6 +13,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.ingest.coingecko.repository import coingecko_id as coingecko_id
+from services.ingest.coingecko.repository import market_data as market_data
 from shared.models import Candle, Coin, CoinMarketData, Price, SourceQuote
 
 CANDLE_LENGTHS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
@@ -33,39 +35,26 @@ async def coins_seeded(session: AsyncSession) -> bool:
 
 
 async def active_coins_with_data(session: AsyncSession) -> list[tuple[Coin, CoinMarketData | None]]:
-    result = await session.execute(
-        select(Coin, CoinMarketData)
-        .outerjoin(CoinMarketData, CoinMarketData.symbol == Coin.symbol)
-        .where(Coin.active.is_(True))
-        .order_by(Coin.symbol)
-    )
-    return [(coin, data) for coin, data in result.tuples().all()]
+    coins = list((await session.scalars(select(Coin).where(Coin.active.is_(True)).order_by(Coin.symbol))).all())
+    return await _with_market_data(session, coins)
 
 
 async def all_coins(session: AsyncSession) -> list[tuple[Coin, CoinMarketData | None]]:
-    result = await session.execute(
-        select(Coin, CoinMarketData)
-        .outerjoin(CoinMarketData, CoinMarketData.symbol == Coin.symbol)
-        .order_by(Coin.symbol)
-    )
-    return [(coin, data) for coin, data in result.tuples().all()]
+    coins = list((await session.scalars(select(Coin).order_by(Coin.symbol))).all())
+    return await _with_market_data(session, coins)
 
 
 async def coin_with_data(session: AsyncSession, symbol: str) -> tuple[Coin, CoinMarketData | None] | None:
-    result = await session.execute(
-        select(Coin, CoinMarketData)
-        .outerjoin(CoinMarketData, CoinMarketData.symbol == Coin.symbol)
-        .where(Coin.symbol == symbol)
-    )
-    row = result.tuples().first()
-    return (row[0], row[1]) if row else None
+    coin = await session.get(Coin, symbol)
+    if coin is None:
+        return None
+    return (await _with_market_data(session, [coin]))[0]
 
 
-async def market_data(session: AsyncSession, symbols: Sequence[str]) -> dict[str, CoinMarketData]:
-    if not symbols:
-        return {}
-    result = await session.scalars(select(CoinMarketData).where(CoinMarketData.symbol.in_(list(symbols))))
-    return {row.symbol: row for row in result.all()}
+async def _with_market_data(session: AsyncSession, coins: list[Coin]) -> list[tuple[Coin, CoinMarketData | None]]:
+    # CoinGecko's data belongs to ingest: read through its repository, not joined here.
+    data = await market_data(session, [c.symbol for c in coins])
+    return [(coin, data.get(coin.symbol)) for coin in coins]
 
 
 async def prices(session: AsyncSession, bases: Sequence[str], vs: Sequence[str]) -> dict[tuple[str, str], Price]:
@@ -136,7 +125,3 @@ async def insert_coin(session: AsyncSession, symbol: str, name: str | None) -> b
         .returning(Coin.symbol)
     )
     return (await session.execute(stmt)).scalar() is not None
-
-
-async def coingecko_id(session: AsyncSession, symbol: str) -> str | None:
-    return await session.scalar(select(CoinMarketData.coingecko_id).where(CoinMarketData.symbol == symbol))
