@@ -6,6 +6,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -69,3 +70,20 @@ async def delete_older_than(
     sql = f"DELETE FROM {table} WHERE {key} = ANY(ARRAY(SELECT {key} FROM {table} WHERE {condition} LIMIT :batch))"  # noqa: S608 - checked constants only; values are bound
     result = await session.execute(text(sql), {"cutoff": cutoff, "batch": batch})
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+class BatchDelete(Protocol):
+    async def __call__(self, session: AsyncSession, cutoff: datetime, batch: int) -> int: ...
+
+
+async def delete_in_batches(
+    sessions: async_sessionmaker[AsyncSession], delete: BatchDelete, cutoff: datetime, batch: int
+) -> int:
+    """Rows older than ``cutoff``, ``batch`` at a time, each batch its own short transaction (no long lock)."""
+    total = 0
+    while True:
+        async with transaction(sessions) as session:
+            count = await delete(session, cutoff, batch)
+        total += count
+        if count < batch:
+            return total

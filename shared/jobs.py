@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from arq.connections import RedisSettings
+from arq.typing import WorkerCoroutine
 from arq.worker import Worker
 
+from shared.db import BatchDelete, delete_in_batches
 from shared.settings import Settings
 from shared.supervisor import Supervisor
 
@@ -77,3 +80,22 @@ def supervise_worker(
             raise RuntimeError("the job worker stopped")
 
     supervisor.start(f"jobs:{service}", run)
+
+
+RETENTION_BATCH = 5000
+
+
+def retention_job(table: str, delete: BatchDelete, retention_days: Callable[[Settings], float]) -> WorkerCoroutine:
+    """An arq job expiring ``table``, for the worker of the service that owns it: rows older than
+    ``retention_days(settings)`` go, ``RETENTION_BATCH`` at a time (short transactions, no long locks).
+    The job's context needs ``settings`` and ``sessions``."""
+
+    async def expire(ctx: dict[str, Any]) -> dict[str, int]:
+        settings: Settings = ctx["settings"]
+        cutoff = datetime.now(UTC) - timedelta(days=retention_days(settings))
+        deleted = await delete_in_batches(ctx["sessions"], delete, cutoff, RETENTION_BATCH)
+        log.info("retention", table=table, deleted=deleted)
+        return {table: deleted}
+
+    expire.__name__ = expire.__qualname__ = f"{table}_retention"
+    return expire

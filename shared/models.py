@@ -2,9 +2,8 @@
 
 Each table has one writer, named beside its model ("Written by"): only that service's repository inserts,
 updates or deletes its rows. Another service reads it only through a read-only function of the writer's
-repository, imported from there (e.g. ``services.pricing.coins.repository.active_coins``). Retention of the
-append-only logs is one scheduled job (pricing's worker, ``services/pricing/history/tasks.py``) that calls
-each writer's own delete function, so the delete SQL stays with the writer."""
+repository, imported from there (e.g. ``services.pricing.coins.repository.active_coins``). Retention is a
+write too: each writer expires its own tables in a scheduled job of its own worker."""
 
 from __future__ import annotations
 

@@ -15,20 +15,23 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from services.conversion.tasks import snapshot_retention_job
+from services.gateway.auth.tasks import activity_retention
+from services.ingest.repository import delete_errors_before
+from services.ingest.tasks import error_log_retention
 from services.pricing.app import create_app as pricing_app
 from services.pricing.history import tasks
 from services.pricing.history.backfill import Backfiller, BackfillError
 from services.pricing.history.service import (
     HistoryService,
     choose_interval,
-    enforce_log_retention,
     enforce_retention,
     plan_query,
     record_consolidated,
     roll_up,
 )
 from services.pricing.service import PriceCache, PricingService
-from shared.db import delete_older_than, transaction
+from shared.db import delete_in_batches, delete_older_than, transaction
 from shared.messages import TickMessage
 from shared.settings import Settings
 from shared.streams import StreamPublisher
@@ -236,7 +239,7 @@ async def test_rollup_materialises_hours_and_days_and_retention_keeps_them(excha
     # Idempotent: a second run deletes and rewrites nothing.
     snapshot = await db.fetch("SELECT * FROM candles ORDER BY interval, t")
     again = await tasks.history_retention(ctx)
-    assert again == {"ticks": 0, "candles_1m": 0, "rate_snapshots": 0, "error_log": 0, "user_activity": 0}
+    assert again == {"ticks": 0, "candles_1m": 0}
     assert await db.fetch("SELECT * FROM candles ORDER BY interval, t") == snapshot
 
 
@@ -267,16 +270,20 @@ async def test_retention_job_prunes_snapshots_error_log_and_activity_by_their_se
             "INSERT INTO user_activity (user_id, kind, created_at) VALUES ($1, $2, $3)", user_id, name, now - age
         )
 
-    deleted = await tasks.history_retention(tasks.job_context(conf, sessions))
-
-    assert (deleted["rate_snapshots"], deleted["error_log"], deleted["user_activity"]) == (1, 2, 1)
+    # Each owner expires its own table, in its own worker's job.
+    ctx = {"settings": conf, "sessions": sessions}
+    assert await snapshot_retention_job(ctx) == {"rate_snapshots": 1}
+    assert await error_log_retention(ctx) == {"error_log": 2}
+    assert await activity_retention(ctx) == {"user_activity": 1}
     assert [r["base"] for r in await db.fetch("SELECT base FROM rate_snapshots")] == ["snap-new"]
     assert [r["message"] for r in await db.fetch("SELECT message FROM error_log")] == ["err-new"]
     assert [r["kind"] for r in await db.fetch("SELECT kind FROM user_activity")] == ["act-new"]
     # A longer setting keeps more: nothing left is older than 7 days of error log, so a 1-day setting prunes it.
     shorter = conf.model_copy(update={"retention_error_log_days": 1})
-    assert (await tasks.history_retention(tasks.job_context(shorter, sessions)))["error_log"] == 1
+    assert await error_log_retention({"settings": shorter, "sessions": sessions}) == {"error_log": 1}
     assert await db.fetchval("SELECT count(*) FROM error_log") == 0
+    # Pricing's own retention job leaves other services' tables alone.
+    assert set(await tasks.history_retention(tasks.job_context(conf, sessions))) == {"ticks", "candles_1m"}
 
 
 async def test_log_retention_deletes_in_batches(sessions, db):
@@ -287,10 +294,8 @@ async def test_log_retention_deletes_in_batches(sessions, db):
             f"e{i}",
             now - timedelta(days=40),
         )
-    deleted = await enforce_log_retention(
-        sessions, now, rate_snapshots_days=30, error_log_days=30, user_activity_days=365, batch=2
-    )
-    assert deleted == {"rate_snapshots": 0, "error_log": 5, "user_activity": 0}
+    deleted = await delete_in_batches(sessions, delete_errors_before, now - timedelta(days=30), 2)
+    assert deleted == 5
     assert await db.fetchval("SELECT count(*) FROM error_log") == 0
 
 

@@ -28,6 +28,7 @@ from services.conversion.ecb import (
 from services.conversion.service import ConversionService
 from services.conversion.simfiat import SIM_FIAT_SOURCE, next_rates
 from shared.db import transaction
+from shared.jobs import retention_job
 from shared.settings import Settings
 from shared.source_health import SourceState, health_key, load_health, save_health
 from shared.streams import SOURCE_ERRORS_STREAM, StreamPublisher
@@ -190,10 +191,15 @@ async def snapshot_job(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"snapshot_id": snapshot_id}
 
 
+snapshot_retention_job = retention_job(
+    "rate_snapshots", repository.delete_snapshots_before, lambda s: s.retention_rate_snapshots_days
+)
+
 # ECB publishes around 16:00 CET on working days; hourly runs pick it up within the hour and retry a
 # failed fetch, at one 1.6 KB request an hour.
 CRON_JOBS = [
     cron(ecb_job, minute={7}, run_at_startup=False, unique=True, timeout=120),
     cron(snapshot_job, minute={0, 15, 30, 45}, run_at_startup=False, unique=True, timeout=120),
+    cron(snapshot_retention_job, hour={3}, minute={27}, run_at_startup=False, unique=True, timeout=3600),
 ]
-FUNCTIONS = [ecb_job, snapshot_job]
+FUNCTIONS = [ecb_job, snapshot_job, snapshot_retention_job]

@@ -10,12 +10,14 @@ from fastapi import FastAPI
 
 from services.gateway import security
 from services.gateway.api import FORWARD_ROUTE, own_routes, router
+from services.gateway.auth import tasks as auth_tasks
 from services.gateway.auth.api import router as auth_router
 from services.gateway.auth.service import AuthService
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.service import Upstreams
 from shared.auth import Authenticator, Denylist, build_verifier
 from shared.docs import install_docs
+from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -30,6 +32,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.limiter = SlidingWindowLimiter(resources.redis, settings.key("ratelimit"))
         app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
         app.state.upstreams = Upstreams(settings)
+        supervise_worker(
+            resources.supervisor,
+            settings,
+            "gateway",
+            cron_jobs=auth_tasks.cron_jobs(),
+            ctx={"settings": settings, "sessions": resources.sessions},
+        )
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.ingest import tasks as ingest_tasks
 from services.ingest.api import router
 from services.ingest.coingecko.tasks import coingecko_jobs
 from services.ingest.consumers import source_error_consumer
@@ -27,7 +28,13 @@ def create_app(settings: Settings) -> FastAPI:
         errors = source_error_consumer(resources.redis, settings, resources.sessions)
         resources.supervisor.start("source-error-consumer", errors.run, check=errors.stall_reason)
         async with coingecko_jobs(settings, resources) as coingecko:
-            supervise_worker(resources.supervisor, settings, "ingest", cron_jobs=coingecko.cron_jobs, ctx=coingecko.ctx)
+            supervise_worker(
+                resources.supervisor,
+                settings,
+                "ingest",
+                cron_jobs=[*coingecko.cron_jobs, *ingest_tasks.cron_jobs()],
+                ctx={**coingecko.ctx, "settings": settings, "sessions": resources.sessions},
+            )
             yield
 
     return build_service_app(

@@ -16,11 +16,8 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.conversion import repository as conversion_repository
-from services.gateway.auth import repository as auth_repository
-from services.ingest import repository as ingest_repository
 from services.pricing.history import repository
-from shared.db import transaction
+from shared.db import delete_in_batches, transaction
 from shared.errors import UnknownCurrency, UnknownSymbol, ValidationFailed
 from shared.timeparse import iso_z
 
@@ -229,46 +226,5 @@ async def enforce_retention(
         ),
         "candles_1m": await delete_in_batches(
             sessions, repository.delete_minute_candles_before, now - timedelta(days=candles_1m_days), batch
-        ),
-    }
-
-
-class BatchDelete(Protocol):
-    async def __call__(self, session: AsyncSession, cutoff: datetime, batch: int) -> int: ...
-
-
-async def delete_in_batches(
-    sessions: async_sessionmaker[AsyncSession], delete: BatchDelete, cutoff: datetime, batch: int
-) -> int:
-    """Rows older than ``cutoff``, ``batch`` at a time, each batch its own short transaction (no long lock)."""
-    total = 0
-    while True:
-        async with transaction(sessions) as session:
-            count = await delete(session, cutoff, batch)
-        total += count
-        if count < batch:
-            return total
-
-
-async def enforce_log_retention(
-    sessions: async_sessionmaker[AsyncSession],
-    now: datetime,
-    *,
-    rate_snapshots_days: float,
-    error_log_days: float,
-    user_activity_days: float,
-    batch: int = 5000,
-) -> dict[str, int]:
-    """The other append-only tables: rate snapshots (conversion), the error log (ingest and conversion) and
-    account activity (gateway). Each delete lives in its owner's repository; this job runs them all."""
-    return {
-        "rate_snapshots": await delete_in_batches(
-            sessions, conversion_repository.delete_snapshots_before, now - timedelta(days=rate_snapshots_days), batch
-        ),
-        "error_log": await delete_in_batches(
-            sessions, ingest_repository.delete_errors_before, now - timedelta(days=error_log_days), batch
-        ),
-        "user_activity": await delete_in_batches(
-            sessions, auth_repository.delete_activity_before, now - timedelta(days=user_activity_days), batch
         ),
     }

@@ -12,7 +12,7 @@ import structlog
 from arq.cron import CronJob, cron
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.pricing.history.service import enforce_log_retention, enforce_retention, roll_up
+from services.pricing.history.service import enforce_retention, roll_up
 from shared.settings import Settings
 
 log = structlog.get_logger("history")
@@ -47,13 +47,6 @@ async def history_retention(ctx: dict[str, Any]) -> dict[str, int]:
         now,
         ticks_hours=jobs.settings.retention_ticks_hours,
         candles_1m_days=jobs.settings.retention_candles_1m_days,
-    )
-    deleted |= await enforce_log_retention(
-        jobs.sessions,
-        now,
-        rate_snapshots_days=jobs.settings.retention_rate_snapshots_days,
-        error_log_days=jobs.settings.retention_error_log_days,
-        user_activity_days=jobs.settings.retention_user_activity_days,
     )
     log.info("history_retention", deleted=deleted)
     return deleted
