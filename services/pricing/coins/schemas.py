@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SYMBOL_PATTERN = r"^[A-Za-z0-9]{1,15}$"
+from shared.validation import SYMBOL_PATTERN
 
 
 class CoinOut(BaseModel):
