@@ -9,11 +9,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from redis.asyncio import Redis
@@ -141,8 +141,12 @@ def ops_router() -> APIRouter:
     @router.get(
         "/readyz",
         summary="Readiness: PostgreSQL and Redis reachable, every background task running and not stalled",
+        description="`scope=traffic` (for a load balancer's or Kubernetes' readiness probe) checks only what "
+        "serving requests needs, PostgreSQL: during a Redis outage or a stalled consumer the service still "
+        "answers what it can (reads fall back to PostgreSQL) instead of being taken out of rotation; the full "
+        "answer stays here for operators and `/api/v1/status`.",
     )
-    async def readyz(request: Request) -> JSONResponse:
+    async def readyz(request: Request, scope: Literal["all", "traffic"] = Query(default="all")) -> JSONResponse:
         resources: Resources = request.app.state.resources
         checks: dict[str, str] = {}
         try:
@@ -152,6 +156,10 @@ def ops_router() -> APIRouter:
             checks["postgres"] = "ok"
         except Exception as exc:
             checks["postgres"] = f"unavailable: {type(exc).__name__}"
+        if scope == "traffic":
+            if checks["postgres"] == "ok":
+                return JSONResponse({"status": "ready", "service": request.app.state.service, "checks": checks})
+            return error_response(503, "not_ready", "PostgreSQL is unavailable", checks, headers={"Retry-After": "5"})
         try:
             async with asyncio.timeout(3):
                 await resources.redis.ping()

@@ -342,7 +342,7 @@ def test_k8s_deployments_have_probes_on_declared_ports() -> None:
         pod = pod_spec(deployment)
         declared = container_ports(pod)
         for container in pod["containers"]:
-            for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz?scope=traffic")):
                 get = (container.get(probe) or {}).get("httpGet")
                 if not get:
                     problems.append(f"{file}: {name}/{container['name']} has no HTTP {probe}")

@@ -92,6 +92,8 @@ async def test_ticks_flow_again_after_a_redis_restart_without_restarting_any_ser
         ready = await client.get(f"{pricing_url}/readyz")
         assert ready.status_code == 503
         assert "redis" in ready.json()["error"]["details"]
+        # Still in rotation for a load balancer: it serves prices from PostgreSQL.
+        assert (await client.get(f"{pricing_url}/readyz", params={"scope": "traffic"})).status_code == 200
         ingest_ready = await client.get(f"{ingest_url}/readyz")
         assert ingest_ready.status_code == 503
         # Quotes move while Redis is away; ingest holds what it cannot publish.
@@ -316,6 +318,9 @@ async def test_a_crashing_task_is_restarted_and_readiness_says_why_while_it_is_d
         assert tasks["flaky"]["state"] == "running" and tasks["flaky"]["restarts"] == 2
         assert tasks["broken"]["restarts"] >= 1
         assert tasks["cancelled"]["state"] == "running" and tasks["cancelled"]["restarts"] == 1
+        # What a load balancer asks: serving needs PostgreSQL, not every background task.
+        traffic = await client.get("/readyz", params={"scope": "traffic"})
+        assert traffic.status_code == 200 and traffic.json()["checks"] == {"postgres": "ok"}
         metrics = (await client.get("/metrics")).text
         assert 'supervised_task_restarts_total{task="flaky"} 2.0' in metrics
 
