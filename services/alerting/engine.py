@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from sortedcontainers import SortedList
+
 CONDITIONS = ("above", "below", "pct_change_up", "pct_change_down", "spread_above")
 # Re-arm once the price is back past the threshold by this fraction of it (0.1%).
 DEFAULT_BAND = Decimal("0.001")
@@ -64,33 +66,27 @@ class Trigger:
     at: datetime
 
 
-@dataclass
 class _Sorted:
-    """(level, rule id) pairs kept in order: range queries by level, O(log n) lookups."""
+    """(level, rule id) pairs kept in order (sortedcontainers' SortedList: O(log n) adds and removes as
+    rules fire and re-arm, range queries by level)."""
 
-    items: list[tuple[Decimal, str]] = field(default_factory=list)
+    def __init__(self, items: Iterable[tuple[Decimal, str]] = ()) -> None:
+        self.items: SortedList = SortedList(items)
 
     def add(self, level: Decimal, rule_id: str) -> None:
-        bisect.insort(self.items, (level, rule_id))
+        self.items.add((level, rule_id))
 
     def discard(self, level: Decimal, rule_id: str) -> None:
-        index = bisect.bisect_left(self.items, (level, rule_id))
-        if index < len(self.items) and self.items[index] == (level, rule_id):
-            del self.items[index]
+        self.items.discard((level, rule_id))
 
     def between(self, low: Decimal, high: Decimal, *, low_open: bool, high_open: bool) -> list[str]:
         """Rule ids whose level lies in the interval from ``low`` to ``high`` (ends open or closed)."""
         if low > high:
             return []
-        start = (
-            bisect.bisect_right(self.items, (low, "\uffff")) if low_open else bisect.bisect_left(self.items, (low, ""))
-        )
-        stop = (
-            bisect.bisect_left(self.items, (high, ""))
-            if high_open
-            else bisect.bisect_right(self.items, (high, "\uffff"))
-        )
-        return [rule_id for _level, rule_id in self.items[start:stop]]
+        # Rule ids sort between "" and "\uffff", so these bounds take in (or leave out) every id at a level.
+        lower = (low, "\uffff") if low_open else (low, "")
+        upper = (high, "") if high_open else (high, "\uffff")
+        return [rule_id for _level, rule_id in self.items.irange(lower, upper)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -126,19 +122,33 @@ class AlertEngine:
     # -- rules ------------------------------------------------------------------------------------------
 
     def load(self, rules: Iterable[Rule]) -> None:
-        """Replace every rule (at startup); each starts armed."""
+        """Replace every rule (at startup); each starts armed. One sort per index instead of an insertion per
+        rule: a million rules load in seconds, not hours."""
         self.rules.clear()
         self.armed.clear()
         self.books.clear()
+        pending: dict[tuple[str, str, str], list[tuple[Decimal, str]]] = {}
         for rule in rules:
-            self.upsert(rule)
+            self._check(rule)
+            self.rules[rule.id] = rule
+            self.armed[rule.id] = True
+            book = self.books.setdefault((rule.symbol, rule.vs), _Book())
+            pending.setdefault((rule.symbol, rule.vs, _slot(rule)), []).append((rule.threshold, rule.id))
+            if rule.window_minutes and rule.condition.startswith("pct_change"):
+                book.windows[rule.window_minutes] = book.windows.get(rule.window_minutes, 0) + 1
+        for (symbol, vs, slot), items in pending.items():
+            self.books[(symbol, vs)].armed[slot] = _Sorted(items)
 
-    def upsert(self, rule: Rule) -> None:
-        """Add or replace a rule. A changed rule starts armed again: its old state described other terms."""
+    @staticmethod
+    def _check(rule: Rule) -> None:
         if rule.condition not in CONDITIONS:
             raise ValueError(f"unknown condition {rule.condition!r}")
         if rule.condition.startswith("pct_change") and not rule.window_minutes:
             raise ValueError("a percent-change rule needs window_minutes")
+
+    def upsert(self, rule: Rule) -> None:
+        """Add or replace a rule. A changed rule starts armed again: its old state described other terms."""
+        self._check(rule)
         self.remove(rule.id)
         self.rules[rule.id] = rule
         self.armed[rule.id] = True
