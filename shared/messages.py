@@ -103,6 +103,9 @@ def price_event(row: Any) -> dict[str, Any]:
         "method": row.method,
         "last_updated": iso_z(row.last_updated),
         "fresh_until": iso_z(row.fresh_until),
+        # Highest against lowest used source, in percent: what spread_above alerts watch. Only a fresh
+        # consolidation knows it (stored rows don't keep per-source prices), so rebuilt events carry None.
+        "spread_pct": None if getattr(row, "spread_pct", None) is None else str(row.spread_pct),
     }
 
 

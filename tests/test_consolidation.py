@@ -92,6 +92,19 @@ async def test_volume_weighted_price_of_recorded_quotes(pricing, db, exchange_fi
     assert set((await statuses(db)).values()) == {"used"}
 
 
+async def test_price_events_carry_the_spread_between_used_sources_outliers_left_out(pricing, db, exchange_fixtures):
+    quotes = recorded_btc_usd(exchange_fixtures)
+    service = pricing()
+    bitstamp_price, bitstamp_volume = quotes["bitstamp"]
+    ticks = [tick(name, p, v) for name, (p, v) in quotes.items()]
+    ticks.append(tick("okx", bitstamp_price * 10, bitstamp_volume))  # an outlier: not part of the spread
+    payloads = await service.apply_ticks(ticks)
+    event = next(p for p in payloads if (p["base"], p["vs"]) == ("BTC", "USD"))
+    used = [p for p, _v in quotes.values()]
+    expected = Context(prec=6, rounding=ROUND_HALF_EVEN).divide((max(used) - min(used)) * 100, min(used))
+    assert Decimal(event["spread_pct"]) == expected
+
+
 async def test_a_tenfold_outlier_does_not_move_the_price(pricing, db, exchange_fixtures):
     quotes = recorded_btc_usd(exchange_fixtures)
     service = pricing()

@@ -39,6 +39,8 @@ MIN_SCALE_FRACTION = Decimal("0.0025")
 PRICE_CONTEXT = Context(prec=28)
 # Published prices keep 15 significant digits (half-even): far below any market's tick size.
 OUTPUT_CONTEXT = Context(prec=15, rounding=ROUND_HALF_EVEN)
+# Spreads are published to 6 significant digits: alert thresholds are percentages, not prices.
+SPREAD_CONTEXT = Context(prec=6, rounding=ROUND_HALF_EVEN)
 METHOD = "vwap-mad2.5"
 
 
@@ -74,6 +76,7 @@ class Consolidated:
     quotes: list[QuoteView]
     # When the quorum of fresh votes runs out if nothing new arrives: a reader after it sees "stale".
     fresh_until: datetime | None = None
+    spread_pct: Decimal | None = None
 
     def row(self) -> dict[str, object]:
         return {
@@ -157,6 +160,11 @@ def consolidate(
             (q.received_at + timedelta(seconds=max_age(settings, q.transport)) for q in kept), reverse=True
         )
         fresh_until = expiries[settings.min_fresh_sources - 1]
+    used_prices = [q.price for q in kept] if fresh else []
+    spread_pct = None
+    if len(used_prices) >= 2 and min(used_prices) > 0:
+        low, high = min(used_prices), max(used_prices)
+        spread_pct = SPREAD_CONTEXT.divide((high - low) * 100, low)
     return Consolidated(
         base=base,
         vs=vs,
@@ -169,6 +177,7 @@ def consolidate(
         last_updated=max(q.received_at for q in kept),
         quotes=list(quotes),
         fresh_until=fresh_until,
+        spread_pct=spread_pct,
     )
 
 
@@ -233,6 +242,8 @@ def derive_fiat(usd: Consolidated, vs: str, fiat_per_eur: Mapping[str, Decimal])
         last_updated=usd.last_updated,
         quotes=[],
         fresh_until=usd.fresh_until,
+        # A ratio between sources: the same in any currency it is restated in.
+        spread_pct=usd.spread_pct,
     )
 
 
