@@ -244,11 +244,12 @@ def cmd_create_admin(args: argparse.Namespace) -> None:
 
     from prometheus_client import CollectorRegistry
 
-    from services.gateway.auth.schemas import PASSWORD_MAX, PASSWORD_MIN, normalise_email
+    from services.gateway.auth.schemas import PASSWORD_MAX, PASSWORD_MIN
     from services.gateway.auth.service import AuthService
     from shared.auth import Denylist
     from shared.errors import AppError
     from shared.service_app import open_resources
+    from shared.validation import normalise_email
 
     try:
         settings = load_settings()

@@ -299,3 +299,60 @@ class PriceOutbox(Base):
     event_id: Mapped[str] = mapped_column(String(36), unique=True)
     payload: Mapped[dict] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Alert(Base):
+    """A user's alert rule. ``channels`` is the list of delivery targets as given (a webhook's ``secret``,
+    returned once at creation, is kept here for signing). Written by: alerting."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    symbol: Mapped[str] = mapped_column(String(15))
+    vs: Mapped[str] = mapped_column(String(15))
+    condition: Mapped[str] = mapped_column(String(20))
+    threshold: Mapped[Decimal] = mapped_column(Amount)
+    window_minutes: Mapped[int | None] = mapped_column(Integer)
+    channels: Mapped[list[dict]] = mapped_column(JSONB)
+    cooldown_seconds: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
+    one_shot: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_fired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_alerts_symbol_vs", "symbol", "vs"),)
+
+
+class AlertEvent(Base):
+    """One trigger of an alert, stored before anything is sent. Written by: alerting."""
+
+    __tablename__ = "alert_events"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    alert_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("alerts.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    price: Mapped[Decimal] = mapped_column(Amount)
+    payload: Mapped[dict] = mapped_column(JSONB)
+
+    __table_args__ = (Index("ix_alert_events_alert_id_created_at", "alert_id", "created_at"),)
+
+
+class AlertDelivery(Base):
+    """An event's delivery to one of its alert's channels (by position in ``channels``).
+    Written by: alerting."""
+
+    __tablename__ = "alert_deliveries"
+
+    event_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("alert_events.id", ondelete="CASCADE"), primary_key=True
+    )
+    channel_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    type: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     smtp_url: str | None = None
     sms_url: str | None = None
     webhook_allow_private: bool = False
+    # Alert rules one user may keep (COINLYTICS_ALERTS_MAX_PER_USER); creating one more is a 422.
+    alerts_max_per_user: int = Field(default=100, ge=1)
 
     # Internals with sensible defaults; documented in the README.
     redis_namespace: str = Field(default="coinlytics", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")

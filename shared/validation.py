@@ -37,3 +37,15 @@ TIME_DESCRIPTION = (
     "Unix seconds (e.g. `1632268800`) or ISO 8601: a date (`2021-09-19`, midnight UTC) or a date-time "
     "(`2021-09-19T12:00:00Z`, `2021-09-19T14:00:00+02:00`; no offset means UTC)"
 )
+
+# Deliberately plain ASCII (no internationalised addresses): the same pattern is in the spec, so what the
+# spec allows, the API accepts, and nothing PostgreSQL or SMTP can't carry gets through.
+EMAIL_PATTERN = r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$"
+EMAIL_RE = re.compile(EMAIL_PATTERN)
+
+
+def normalise_email(value: str) -> str:
+    if len(value) > 254 or not EMAIL_RE.match(value):
+        raise ValueError("not an email address")
+    # Addresses are compared case-insensitively, which is what users expect of sign-in.
+    return value.lower()

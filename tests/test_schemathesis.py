@@ -35,6 +35,16 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 
 [[operations]]
 include-name = "GET /api/v1/prices/{symbol}/history"
 checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
+
+# Alert rules: expires_at in the future, a public webhook host, the per-user limit, and (on PATCH) a
+# window that fits the stored condition are rules no schema states.
+[[operations]]
+include-name = "POST /api/v1/alerts"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
+
+[[operations]]
+include-name = "PATCH /api/v1/alerts/{alert_id}"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
 """
 ST_PASSWORD = "COINLYTICS_ST_PASSWORD"
 

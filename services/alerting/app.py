@@ -1,15 +1,21 @@
-"""The alerting service's app. Its public endpoints arrive with their issue; today it serves the
-operations endpoints every service has, so the platform's shape is complete and supervised."""
+"""The alerting service's app: the alerts API, the email channel's consumer, and the expired-alert
+cleanup job."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
+from services.alerting.api import router
 from services.alerting.email.consumers import EmailConsumer
 from services.alerting.email.service import EmailSender
+from services.alerting.schemas import without_channels
+from services.alerting.service import AlertService
+from services.alerting.tasks import CRON_JOBS, FUNCTIONS
+from shared.jobs import supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -24,12 +30,34 @@ async def email_channel(app: FastAPI, resources: Resources) -> AsyncIterator[Non
     yield
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
+    settings = resources.settings
+    alerts = AlertService(settings, resources.sessions, resources.redis, resources.publisher)
+    app.state.alerts = alerts
+    ctx = {"settings": settings, "sessions": resources.sessions, "alerts": alerts}
+    supervise_worker(resources.supervisor, settings, "alerting", functions=FUNCTIONS, cron_jobs=CRON_JOBS, ctx=ctx)
+    async with email_channel(app, resources):
+        yield
+
+
 def create_app(settings: Settings) -> FastAPI:
-    return build_service_app(
+    app = build_service_app(
         "alerting",
         settings,
         title="Coinlytics alerting",
         description="Alerting: threshold alerts delivered by webhook, email, SMS and live push.",
-        routers=[],
-        lifespan=email_channel,
+        routers=[router],
+        lifespan=lifespan,
     )
+    unconfigured = {name for name, url in (("email", settings.smtp_url), ("sms", settings.sms_url)) if not url}
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # An unconfigured channel is refused (422); the spec says so by not offering it.
+        first = app.openapi_schema is None
+        spec = generate()
+        return without_channels(spec, unconfigured) if first else spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

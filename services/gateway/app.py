@@ -13,6 +13,7 @@ from services.gateway.api import FORWARD_ROUTE, own_routes, router
 from services.gateway.auth import tasks as auth_tasks
 from services.gateway.auth.api import router as auth_router
 from services.gateway.auth.service import AuthService
+from services.gateway.consumers import activity_consumer
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.service import Upstreams
 from shared.auth import Authenticator, Denylist, build_verifier
@@ -32,6 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.limiter = SlidingWindowLimiter(resources.redis, settings.key("ratelimit"))
         app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
         app.state.upstreams = Upstreams(settings)
+        activity = activity_consumer(resources.redis, settings, resources.sessions)
+        resources.supervisor.start("activity-consumer", activity.run, check=activity.stall_reason)
         supervise_worker(
             resources.supervisor,
             settings,

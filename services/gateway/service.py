@@ -91,7 +91,10 @@ class Upstreams:
         query = request.scope.get("query_string", b"").decode("latin-1")
         body = await request.body()
         # Bound to the query and body too, so a captured credential can't be replayed with other ones.
-        headers.update(sign_internal(self.internal_key, request.method, path, principal, query=query, body=body))
+        # Signed over the decoded path exactly as the service's middleware reads it (scope["path"]);
+        # request.url.path re-quotes some characters ("\\" as "%5C") and would never match.
+        signed_path = request.scope.get("path", path)
+        headers.update(sign_internal(self.internal_key, request.method, signed_path, principal, query=query, body=body))
         url = URL(self.settings.service_url(service) + raw_path + (f"?{query}" if query else ""), encoded=True)
         headers[CORRELATION_HEADER] = get_correlation_id() or ""
         # The client as the gateway resolved it (trusted proxies only): a caller's own X-Forwarded-For is not

@@ -21,13 +21,13 @@ from services.gateway.auth.schemas import (
     UserOut,
     UserPatch,
     UsersOut,
-    normalise_email,
 )
 from services.gateway.auth.service import INVALID_LOGIN, RESET_ACCEPTED, AuthService
 from services.gateway.guard import client_address, guard_anonymous, require_admin_principal, require_principal
 from shared.auth import Principal
 from shared.errors import Unauthorized, error_responses
 from shared.service_app import lifespan_state
+from shared.validation import normalise_email
 
 router = APIRouter()
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}

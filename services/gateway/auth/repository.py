@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import delete_older_than
@@ -150,3 +150,39 @@ async def list_users(
 
 async def delete_activity_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
     return await delete_older_than(session, "user_activity", "created_at", cutoff, batch)
+
+
+async def add_activity_once(
+    session: AsyncSession,
+    *,
+    message_id: str,
+    user_id: uuid.UUID,
+    kind: str,
+    client_address: str | None,
+    at: datetime,
+    details: dict[str, Any] | None,
+) -> bool:
+    """Records an activity another service reported, once per ``message_id`` (kept in ``details``), and
+    only while the user exists. Whether a row was added."""
+    # Two consumers handling one redelivered message wait for each other here, then see the first one's row.
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"activity:{message_id}"}
+    )
+    if await session.get(User, user_id) is None:
+        return False
+    seen = await session.scalar(
+        select(UserActivity.id)
+        .where(UserActivity.user_id == user_id, UserActivity.details["message_id"].astext == message_id)
+        .limit(1)
+    )
+    if seen is not None:
+        return False
+    await add_activity(
+        session,
+        user_id=user_id,
+        kind=kind,
+        client_address=client_address,
+        now=at,
+        details={**(details or {}), "message_id": message_id},
+    )
+    return True

@@ -3,28 +3,16 @@ into a body (``role``, ``is_active``, ``password_hash``) is a 422 rather than si
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.validation import SYMBOL_PATTERN, SYMBOL_RE
+from shared.validation import EMAIL_PATTERN, SYMBOL_PATTERN, SYMBOL_RE, normalise_email
 
-# Deliberately plain ASCII (no internationalised addresses): the same pattern is in the spec, so what the
-# spec allows, the API accepts, and nothing PostgreSQL or SMTP can't carry gets through.
-EMAIL_PATTERN = r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$"
-EMAIL_RE = re.compile(EMAIL_PATTERN)
 PASSWORD_MIN = 10
 PASSWORD_MAX = 256
-
-
-def normalise_email(value: str) -> str:
-    if len(value) > 254 or not EMAIL_RE.match(value):
-        raise ValueError("not an email address")
-    # Addresses are compared case-insensitively, which is what users expect of sign-in.
-    return value.lower()
 
 
 Password = Field(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, examples=["correct horse battery staple"])

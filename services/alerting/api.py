@@ -1,0 +1,195 @@
+"""Routes of the alerts API: the caller's own alert rules (the gateway signs in the user)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+
+from services.alerting.schemas import AlertEventsOut, AlertIn, AlertListOut, AlertOut, AlertPatch
+from services.alerting.service import AlertService
+from shared.auth import Principal, require_user
+from shared.errors import Unauthorized, error_responses
+from shared.responses import DecimalJSONResponse
+from shared.service_app import lifespan_state
+
+router = APIRouter(tags=["alerts"])
+
+Alerts = Annotated[AlertService, Depends(lifespan_state("alerts", AlertService))]
+
+
+async def _user_id(principal: Annotated[Principal, Depends(require_user)]) -> str:
+    """The caller's account id; alerts belong to local accounts (they are kept with the user's row)."""
+    try:
+        return str(uuid.UUID(principal.user_id or ""))
+    except ValueError:
+        raise Unauthorized("no local account for this token's subject") from None
+
+
+User = Annotated[str, Depends(_user_id)]
+AlertId = Annotated[uuid.UUID, Path(description="the alert's id", examples=["0b9d3f7e-2f43-4a5e-9a55-3f1c2d9e8a10"])]
+
+CREATE_DESCRIPTION = """
+Creates an alert on a tracked coin in a published currency.
+
+**Conditions.** `above` / `below`: the consolidated price crosses `threshold` (a price). `pct_change_up` /
+`pct_change_down`: the price change over `window_minutes` (1 to 10080, required for these two only) reaches
+`threshold` percent. `spread_above`: the spread between the highest and lowest used source exceeds `threshold`
+percent.
+
+**Channels** (1 to 5, each once): `{"type":"webhook","url":…}` (http or https on a public address; a host that
+is or resolves to a private, loopback, link-local or CGNAT address is refused unless
+`COINLYTICS_WEBHOOK_ALLOW_PRIVATE` is set), `{"type":"email","to":…}` (needs `COINLYTICS_SMTP_URL`),
+`{"type":"sms","to":"+E.164"}` (needs `COINLYTICS_SMS_URL`). A channel the deployment has not configured is
+refused now (422), never failing silently later. Each webhook gets a Standard Webhooks signing secret
+(`whsec_…`), **shown only in this response**.
+
+`cooldown_seconds` (0 to 604800, default 300), `one_shot`, `expires_at` (in the future; an expired alert is
+listed as `expired` for a day, then deleted). At most `COINLYTICS_ALERTS_MAX_PER_USER` (100) alerts per user.
+"""
+
+EXAMPLES = {
+    "above": {
+        "summary": "BTC above 100,000 USD, by webhook",
+        "value": {
+            "symbol": "BTC",
+            "vs": "USD",
+            "condition": "above",
+            "threshold": 100000,
+            "channels": [{"type": "webhook", "url": "https://example.com/hooks/coinlytics"}],
+            "cooldown_seconds": 300,
+        },
+    },
+    "pct": {
+        "summary": "ETH down 5 % within an hour, once",
+        "value": {
+            "symbol": "ETH",
+            "vs": "EUR",
+            "condition": "pct_change_down",
+            "threshold": 5,
+            "window_minutes": 60,
+            "channels": [{"type": "webhook", "url": "https://example.com/hooks/coinlytics"}],
+            "one_shot": True,
+            "expires_at": "2030-01-01T00:00:00Z",
+        },
+    },
+}
+
+
+def _client(request: Request) -> str | None:
+    # The client as the gateway resolved it; only for the activity log.
+    return request.headers.get("x-forwarded-for")
+
+
+@router.post(
+    "/api/v1/alerts",
+    status_code=201,
+    response_model=AlertOut,
+    summary="Create an alert",
+    description=CREATE_DESCRIPTION,
+    responses=error_responses(401, 404, 422),
+)
+async def create_alert(
+    request: Request,
+    service: Alerts,
+    user_id: User,
+    body: Annotated[AlertIn, Body(openapi_examples=EXAMPLES)],
+) -> DecimalJSONResponse:
+    created = await service.create(user_id, body, _client(request))
+    return DecimalJSONResponse(created, status_code=201)
+
+
+@router.get(
+    "/api/v1/alerts",
+    response_model=AlertListOut,
+    summary="Your alerts",
+    description="Newest first, with each one's `status` (active, paused, expired). Webhook secrets are never "
+    "shown again. Example: `GET /api/v1/alerts?page=1&per_page=50`.",
+    responses=error_responses(401, 422),
+)
+async def list_alerts(
+    service: Alerts,
+    user_id: User,
+    page: int = Query(default=1, ge=1, le=10_000, examples=[1]),
+    per_page: int = Query(default=50, ge=1, le=100, examples=[50]),
+) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.list_alerts(user_id, page=page, per_page=per_page))
+
+
+@router.get(
+    "/api/v1/alerts/{alert_id}",
+    response_model=AlertOut,
+    summary="One of your alerts",
+    responses=error_responses(401, 404, 422),
+)
+async def get_alert(service: Alerts, user_id: User, alert_id: AlertId) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.get(user_id, alert_id))
+
+
+@router.patch(
+    "/api/v1/alerts/{alert_id}",
+    response_model=AlertOut,
+    summary="Change an alert",
+    description="Any subset of the creation fields, plus `paused`; the result is checked as a new alert would "
+    "be. `null` leaves a field unchanged, except `expires_at: null` (never expires) and `window_minutes`. "
+    "`channels` replaces the list: a webhook URL already on the alert keeps its secret, a new one gets a secret "
+    'shown in this response only. Example: `{"threshold": 95000, "paused": false}`.',
+    responses=error_responses(401, 404, 422),
+)
+async def update_alert(
+    request: Request,
+    service: Alerts,
+    user_id: User,
+    alert_id: AlertId,
+    body: Annotated[AlertPatch, Body(openapi_examples={"threshold": {"value": {"threshold": 95000}}})],
+) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.update(user_id, alert_id, body, _client(request)))
+
+
+@router.delete(
+    "/api/v1/alerts/{alert_id}",
+    status_code=204,
+    summary="Delete an alert",
+    responses=error_responses(401, 404, 422),
+)
+async def delete_alert(request: Request, service: Alerts, user_id: User, alert_id: AlertId) -> Response:
+    await service.delete(user_id, alert_id, _client(request))
+    return Response(status_code=204)
+
+
+@router.post(
+    "/api/v1/alerts/{alert_id}/pause",
+    response_model=AlertOut,
+    summary="Pause an alert (it keeps its settings and does not fire)",
+    description='Same as `PATCH {"paused": true}`; pausing a paused alert changes nothing.',
+    responses=error_responses(401, 404, 422),
+)
+async def pause_alert(request: Request, service: Alerts, user_id: User, alert_id: AlertId) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.set_paused(user_id, alert_id, True, _client(request)))
+
+
+@router.post(
+    "/api/v1/alerts/{alert_id}/resume",
+    response_model=AlertOut,
+    summary="Resume a paused alert",
+    description='Same as `PATCH {"paused": false}`.',
+    responses=error_responses(401, 404, 422),
+)
+async def resume_alert(request: Request, service: Alerts, user_id: User, alert_id: AlertId) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.set_paused(user_id, alert_id, False, _client(request)))
+
+
+@router.get(
+    "/api/v1/alerts/{alert_id}/events",
+    response_model=AlertEventsOut,
+    summary="An alert's triggers, newest first, with each channel's delivery status",
+    responses=error_responses(401, 404, 422),
+)
+async def alert_events(
+    service: Alerts,
+    user_id: User,
+    alert_id: AlertId,
+    limit: int = Query(default=50, ge=1, le=100, examples=[50]),
+) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.events(user_id, alert_id, limit=limit))
