@@ -68,8 +68,7 @@ class TickMessage(BaseModel):
         try:
             return cls.model_validate(payload)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())
-            raise PoisonMessage(f"invalid tick: {problems}") from None
+            raise PoisonMessage(f"invalid tick: {validation_problems(exc)}") from None
 
     @classmethod
     def from_json(cls, raw: str | bytes | None) -> TickMessage:
@@ -79,13 +78,14 @@ class TickMessage(BaseModel):
         try:
             return cls.model_validate_json(raw)
         except ValidationError as exc:
-            raise PoisonMessage(f"invalid tick: {_problems(exc)}") from None
+            raise PoisonMessage(f"invalid tick: {validation_problems(exc)}") from None
 
     def to_stream(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-def _problems(exc: ValidationError) -> str:
+def validation_problems(exc: ValidationError) -> str:
+    """The first few of a stream message's validation errors, for its dead-letter reason."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()[:5])
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.messages import utc
+from shared.messages import utc, validation_problems
 from shared.streams import PoisonMessage
 
 # {"id", "user_id", "kind", "details", "client_address", "at"}; ``id`` makes a redelivery a no-op.
@@ -36,8 +36,7 @@ class ActivityMessage(BaseModel):
         try:
             return cls.model_validate(payload)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())
-            raise PoisonMessage(f"invalid activity message: {problems}") from None
+            raise PoisonMessage(f"invalid activity message: {validation_problems(exc)}") from None
 
     def to_stream(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
