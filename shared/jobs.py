@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker
 
@@ -37,6 +37,8 @@ def supervise_worker(
     cron_jobs: Sequence[Any] = (),
     ctx: dict[str, Any] | None = None,
     max_jobs: int = 4,
+    job_timeout: float = 300,
+    poll_delay: float = 0.5,
 ) -> None:
     """An arq worker for ``service``'s queue, run (and restarted when it fails) by the service's supervisor.
 
@@ -54,9 +56,12 @@ def supervise_worker(
             ctx=dict(ctx or {}),
             handle_signals=False,
             max_jobs=max_jobs,
+            # A worker that dies mid-job leaves it "in progress" for this long plus 10 s; then it runs again.
+            job_timeout=job_timeout,
             keep_result=3600,
             health_check_key=queue_name(settings, service) + ":health",
-            poll_delay=0.5,
+            # arq polls its queue (no blocking pop): how long a queued job may wait for the worker to look.
+            poll_delay=poll_delay,
         )
         log.info("job_worker_started", service=service, queue=queue_name(settings, service),
                  cron=[getattr(c, "name", str(c)) for c in cron_jobs])  # fmt: skip
@@ -80,6 +85,39 @@ def supervise_worker(
             raise RuntimeError("the job worker stopped")
 
     supervisor.start(f"jobs:{service}", run)
+
+
+class JobQueue:
+    """Enqueues jobs for a service's worker (arq). A job id makes enqueueing idempotent: while a job with that
+    id is queued, running, or its result is kept, enqueueing it again does nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool: ArqRedis | None = None
+
+    async def start(self) -> None:
+        if self.pool is None:
+            self.pool = await create_pool(arq_redis_settings(self.settings), retry=0)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.aclose()
+            self.pool = None
+
+    async def enqueue(
+        self, service: str, function: str, *args: Any, job_id: str, defer_seconds: float | None = None
+    ) -> bool:
+        """True when the job was queued, False when one with this id already exists."""
+        await self.start()
+        assert self.pool is not None
+        job = await self.pool.enqueue_job(
+            function,
+            *args,
+            _job_id=job_id,
+            _queue_name=queue_name(self.settings, service),
+            _defer_by=timedelta(seconds=defer_seconds) if defer_seconds else None,
+        )
+        return job is not None
 
 
 RETENTION_BATCH = 5000

@@ -75,10 +75,19 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = None
     hmac_key: SecretStr | None = None
     smtp_url: str | None = None
+    # Twilio's Messages resource, credentials in the URL:
+    # https://<account sid>:<auth token>@api.twilio.com/2010-04-01/Accounts/<account sid>/Messages.json
     sms_url: str | None = None
+    # The sender (a number or alphanumeric id) SMS alerts come from.
+    sms_from: str = "Coinlytics"
     webhook_allow_private: bool = False
     # Alert rules one user may keep (COINLYTICS_ALERTS_MAX_PER_USER); creating one more is a 422.
     alerts_max_per_user: int = Field(default=100, ge=1)
+    # Seconds before each retry of a failed alert delivery (Standard Webhooks' schedule: 5 s, 5 min, 30 min,
+    # 2 h, 5 h, 10 h, 10 h: about 27 hours in all), each jittered by up to a fifth; then it is "failed".
+    alert_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
 
     # Internals with sensible defaults; documented in the README.
     redis_namespace: str = Field(default="coinlytics", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -117,6 +126,19 @@ class Settings(BaseSettings):
     retention_user_activity_days: float = Field(default=365, gt=0)
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+    # Live push (the gateway's /api/v1/ws)
+    # A heartbeat frame this often; an authenticated socket's token is re-checked (expiry, revocation) at each.
+    live_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    # Symbols one socket may subscribe to at once.
+    live_max_symbols: int = Field(default=50, ge=1, le=1000)
+    # Open sockets per gateway process; the next one is refused with close code 1013.
+    live_max_sockets: int = Field(default=10_000, ge=1)
+    # Alert and reply frames one socket may have waiting (prices coalesce instead); one more disconnects it.
+    live_queue_frames: int = Field(default=100, ge=1)
+    # One drain of a socket's queue that takes longer than this disconnects the client as too slow.
+    live_send_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Largest client message read; a larger one is answered with an error frame.
+    live_max_message_bytes: int = Field(default=4096, ge=256)
 
     # Accounts and gateway security (docs/security.md explains each).
     public_url: str = Field(default=f"http://127.0.0.1:{SERVICE_PORTS['gateway']}", pattern=r"^https?://[^/?#]+$")
@@ -166,6 +188,18 @@ class Settings(BaseSettings):
     @classmethod
     def _plain_csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("alert_retry_schedule", mode="before")
+    @classmethod
+    def _seconds_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("alert_retry_schedule")
+    @classmethod
+    def _delays_are_positive(cls, value: list[float]) -> list[float]:
+        if not value or any(not (0 < delay <= 7 * 86400) for delay in value):
+            raise ValueError("give one or more retry delays in seconds, each above 0 and at most 604800 (7 days)")
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

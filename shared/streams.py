@@ -41,6 +41,9 @@ EMAILS_STREAM = "emails"
 # Failures of sources run outside ingest (the conversion service's ECB job): {"id", "source", "kind",
 # "message", "at"}. Ingest owns the error log and writes them there (services/ingest/consumers.py).
 SOURCE_ERRORS_STREAM = "source-errors"
+# Alert triggers, published by the alerting service after the event is stored (services/alerting/events.py
+# builds them): what the gateway's live websocket pushes to the alert's owner.
+ALERT_EVENTS_STREAM = "alert-events"
 
 
 class StoreUnavailable(Exception):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
-from services.alerting.schemas import AlertEventsOut, AlertIn, AlertListOut, AlertOut, AlertPatch
+from services.alerting.schemas import AlertEventsOut, AlertIn, AlertListOut, AlertOut, AlertPatch, UnsubscribeOut
 from services.alerting.service import AlertService
 from shared.auth import Principal, require_user
 from shared.errors import Unauthorized, error_responses
@@ -80,6 +80,37 @@ EXAMPLES = {
 def _client(request: Request) -> str | None:
     # The client as the gateway resolved it; only for the activity log.
     return request.headers.get("x-forwarded-for")
+
+
+UNSUBSCRIBE_DESCRIPTION = """
+The link in every alert email: stops that alert's emails to that address, without signing in (the signed,
+single-purpose `token` is the proof). Answers `POST` too, for mail clients' one-click unsubscribe (RFC 8058).
+The alert itself and its other channels carry on. Opening the link again changes nothing.
+"""
+
+
+@router.get(
+    "/api/v1/alerts/unsubscribe",
+    response_model=UnsubscribeOut,
+    summary="Unsubscribe an address from an alert's emails (the email's link)",
+    description=UNSUBSCRIBE_DESCRIPTION,
+    responses=error_responses(404, 422),
+)
+async def unsubscribe(request: Request, service: Alerts, token: str = Query(max_length=512)) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.unsubscribe(token, _client(request)))
+
+
+@router.post(
+    "/api/v1/alerts/unsubscribe",
+    response_model=UnsubscribeOut,
+    summary="One-click unsubscribe (RFC 8058)",
+    description=UNSUBSCRIBE_DESCRIPTION,
+    responses=error_responses(404, 422),
+)
+async def unsubscribe_one_click(
+    request: Request, service: Alerts, token: str = Query(max_length=512)
+) -> DecimalJSONResponse:
+    return DecimalJSONResponse(await service.unsubscribe(token, _client(request)))
 
 
 @router.post(

@@ -1,5 +1,5 @@
-"""The alerting service's app: the alerts API, the email channel's consumer, and the expired-alert
-cleanup job."""
+"""The alerting service's app: the alerts API, the evaluator (the prices stream against every rule), the
+delivery worker, the email channel's consumer, and the cleanup jobs."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.alerting.api import router
+from services.alerting.delivery import DeliveryService
 from services.alerting.email.consumers import EmailConsumer
 from services.alerting.email.service import EmailSender
+from services.alerting.evaluation import DELIVERY_QUEUE, EvaluationService
 from services.alerting.schemas import without_channels
 from services.alerting.service import AlertService
-from services.alerting.tasks import CRON_JOBS, FUNCTIONS
-from shared.jobs import supervise_worker
+from services.alerting.tasks import CRON_JOBS, DELIVERY_FUNCTIONS, DELIVERY_JOB_TIMEOUT, FUNCTIONS
+from shared.jobs import JobQueue, supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -35,10 +37,38 @@ async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
     settings = resources.settings
     alerts = AlertService(settings, resources.sessions, resources.redis, resources.publisher)
     app.state.alerts = alerts
-    ctx = {"settings": settings, "sessions": resources.sessions, "alerts": alerts}
-    supervise_worker(resources.supervisor, settings, "alerting", functions=FUNCTIONS, cron_jobs=CRON_JOBS, ctx=ctx)
+    jobs = JobQueue(settings)
+    app.state.evaluation = EvaluationService(settings, resources.sessions, resources.redis, resources.publisher, jobs)
     async with email_channel(app, resources):
-        yield
+        delivery = DeliveryService(settings, resources.sessions, alerts, app.state.email_sender)
+        await delivery.start()
+        ctx = {
+            "settings": settings,
+            "sessions": resources.sessions,
+            "alerts": alerts,
+            "jobs": jobs,
+            "delivery": delivery,
+        }
+        supervise_worker(resources.supervisor, settings, "alerting", functions=FUNCTIONS, cron_jobs=CRON_JOBS, ctx=ctx)
+        # Sends wait on the network, not the CPU: many at once, each bounded by its channel's timeout.
+        supervise_worker(
+            resources.supervisor,
+            settings,
+            DELIVERY_QUEUE,
+            functions=DELIVERY_FUNCTIONS,
+            ctx=ctx,
+            max_jobs=50,
+            job_timeout=DELIVERY_JOB_TIMEOUT,
+            # An alert is only as fast as its delivery job is picked up: a poll is one cheap ZRANGEBYSCORE.
+            poll_delay=0.005,
+        )
+        evaluation = app.state.evaluation
+        resources.supervisor.start("alert-evaluator", evaluation.run, check=evaluation.stall_reason)
+        try:
+            yield
+        finally:
+            await delivery.close()
+            await jobs.close()
 
 
 def create_app(settings: Settings) -> FastAPI:

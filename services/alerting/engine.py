@@ -184,6 +184,19 @@ class AlertEngine:
             return rule.threshold + abs(rule.threshold) * self.band
         return rule.threshold - abs(rule.threshold) * self.band
 
+    def windows_needed(self) -> dict[tuple[str, str], int]:
+        """Per coin and currency, the longest percent-change window its rules ask for, in minutes."""
+        return {pair: max(book.windows) for pair, book in self.books.items() if book.windows}
+
+    def seed_history(self, symbol: str, vs: str, samples: Iterable[tuple[datetime, Decimal]]) -> None:
+        """Earlier prices (from stored candles, at start), so percent-change rules need not wait a whole
+        window of live prices before they can fire again."""
+        book = self.books.get((symbol, vs))
+        if book is None or not book.windows:
+            return
+        by_time = {at: price for at, price in [*samples, *book.history] if price.is_finite() and price > 0}
+        book.history = sorted(by_time.items())
+
     # -- evaluation -------------------------------------------------------------------------------------
 
     def on_price(

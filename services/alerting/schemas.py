@@ -19,7 +19,8 @@ PRICE_CONDITIONS = ("above", "below")
 PCT_CONDITIONS = ("pct_change_up", "pct_change_down")
 SPREAD_CONDITIONS = ("spread_above",)
 Condition = Literal["above", "below", "pct_change_up", "pct_change_down", "spread_above"]
-Status = Literal["active", "paused", "expired"]
+Status = Literal["active", "paused", "expired", "fired"]
+DeliveryStatus = Literal["pending", "retrying", "delivered", "failed", "disabled", "skipped"]
 
 MAX_CHANNELS = 5
 MAX_COOLDOWN_SECONDS = 604_800
@@ -222,6 +223,10 @@ class ChannelOut(BaseModel):
     type: Literal["webhook", "email", "sms"]
     url: str | None = Field(default=None, examples=["https://example.com/hooks/coinlytics"])
     to: str | None = None
+    disabled: bool = Field(
+        default=False, description="no longer sent to: a webhook answered 410 Gone, or the recipient unsubscribed"
+    )
+    disabled_reason: str | None = None
     secret: str | None = Field(
         default=None,
         description="webhooks: the Standard Webhooks signing secret, only in the response that created it",
@@ -241,7 +246,9 @@ class AlertOut(BaseModel):
     one_shot: bool
     expires_at: datetime | None = None
     paused: bool
-    status: Status = Field(description="active; paused; expired (past expires_at)")
+    status: Status = Field(
+        description="active; paused; expired (past expires_at); fired (a one-shot alert that fired: resume re-arms it)"
+    )
     created_at: datetime
     updated_at: datetime
     last_fired_at: datetime | None = None
@@ -257,16 +264,36 @@ class AlertListOut(BaseModel):
 class DeliveryOut(BaseModel):
     channel: int = Field(description="position of the channel in the alert's channels")
     type: str = Field(examples=["webhook"])
-    status: str = Field(examples=["delivered"])
+    status: DeliveryStatus = Field(
+        examples=["delivered"],
+        description=(
+            "pending (not sent yet); retrying (an attempt failed, the next is at next_attempt_at); delivered; "
+            "failed (refused for good, or every retry over about a day failed); disabled (the webhook answered "
+            "410 Gone: the channel is switched off); skipped (the channel was disabled or changed)"
+        ),
+    )
     attempts: int
     last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
 
 
 class AlertEventOut(BaseModel):
-    id: uuid.UUID
+    id: uuid.UUID = Field(description="the event id: the webhook-id header and the body's id")
     created_at: datetime
+    condition: str | None = Field(default=None, examples=["above"])
+    threshold: Decimal | None = None
+    value: Decimal | None = Field(default=None, description="what crossed: the price, percent change or spread")
     price: Decimal
+    price_at: datetime | None = None
     deliveries: list[DeliveryOut]
+
+
+class UnsubscribeOut(BaseModel):
+    alert_id: uuid.UUID
+    channel: int
+    to: str | None = None
+    unsubscribed: bool
 
 
 class AlertEventsOut(BaseModel):

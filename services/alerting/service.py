@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.alerting import repository
+from services.alerting.channels.mail import read_unsubscribe_token
 from services.alerting.schemas import PCT_CONDITIONS, AlertPatch, PctChangeAlertIn, PriceAlertIn, SpreadAlertIn
 from services.alerting.ssrf import private_target
 from services.gateway.activity import USER_ACTIVITY_STREAM, ActivityMessage
@@ -33,6 +34,8 @@ ALERT_CHANGES_STREAM = "alert-changes"
 # Expired alerts are kept (listed as "expired") this long, then the cleanup job deletes them.
 EXPIRED_KEPT_FOR = timedelta(days=1)
 CLEANUP_BATCH = 1000
+# The key an email's unsubscribe link is signed with (settings.purpose_key).
+UNSUBSCRIBE_PURPOSE = "alert-unsubscribe"
 
 AlertIn = PriceAlertIn | PctChangeAlertIn | SpreadAlertIn
 
@@ -45,7 +48,10 @@ def new_webhook_secret() -> str:
 def alert_status(alert: Alert, now: datetime) -> str:
     if alert.expires_at is not None and alert.expires_at <= now:
         return "expired"
-    return "paused" if alert.paused else "active"
+    if alert.paused:
+        return "paused"
+    # A one-shot alert that fired is done until resumed (which re-arms it).
+    return "fired" if alert.one_shot and alert.last_fired_at is not None else "active"
 
 
 def alert_body(alert: Alert, now: datetime, *, reveal: frozenset[int] = frozenset()) -> dict[str, Any]:
@@ -156,7 +162,11 @@ class AlertService:
             {
                 "id": str(event.id),
                 "created_at": event.created_at,
+                "condition": event.payload.get("condition"),
+                "threshold": event.payload.get("threshold"),
+                "value": event.payload.get("value"),
                 "price": event.price,
+                "price_at": event.payload.get("price_at"),
                 "deliveries": [
                     {
                         "channel": d.channel_index,
@@ -164,6 +174,8 @@ class AlertService:
                         "status": d.status,
                         "attempts": d.attempts,
                         "last_error": d.last_error,
+                        "next_attempt_at": d.next_attempt_at,
+                        "delivered_at": d.delivered_at,
                     }
                     for d in deliveries
                 ],
@@ -258,9 +270,13 @@ class AlertService:
         now = datetime.now(UTC)
         async with transaction(self.sessions) as session:
             alert = await self._own(session, user_id, alert_id, lock=True)
-            changed = alert.paused != paused
+            rearm = not paused and alert.one_shot and alert.last_fired_at is not None
+            changed = alert.paused != paused or rearm
             if changed:
-                await repository.update_alert(session, alert, {"paused": paused, "updated_at": now})
+                values: dict[str, Any] = {"paused": paused, "updated_at": now}
+                if rearm:
+                    values["last_fired_at"] = None
+                await repository.update_alert(session, alert, values)
         if changed:
             await self._after_change(alert, "paused" if paused else "resumed", client, now)
         return alert_body(alert, now)
@@ -286,6 +302,39 @@ class AlertService:
             removed += len(gone)
             if len(gone) < CLEANUP_BATCH:
                 return removed
+
+    async def unsubscribe(self, token: str, client: str | None) -> dict[str, Any]:
+        """The email link's action: that alert's email channel stops (no sign-in; the token is the proof)."""
+        found = read_unsubscribe_token(self.settings.purpose_key(UNSUBSCRIBE_PURPOSE), token)
+        if found is None:
+            raise ValidationFailed("this unsubscribe link is not valid: it was altered or cut short")
+        alert_id, index = found
+        now = datetime.now(UTC)
+        async with transaction(self.sessions) as session:
+            alert = await repository.alert_by_id(session, alert_id, lock=True)
+            channel = alert.channels[index] if alert is not None and index < len(alert.channels) else None
+            if alert is None or channel is None or channel.get("type") != "email":
+                raise NotFound("this alert or its email channel no longer exists: nothing more will be sent")
+            already = bool(channel.get("disabled"))
+            if not already:
+                await repository.disable_channel(session, alert_id, index, "unsubscribed by the recipient")
+        if not already:
+            await self.announce_channel_disabled(alert, index, now, client=client)
+        return {"alert_id": str(alert_id), "channel": index, "to": channel.get("to"), "unsubscribed": True}
+
+    async def announce_channel_disabled(
+        self, alert: Alert, index: int, now: datetime, *, client: str | None = None
+    ) -> None:
+        channel = alert.channels[index]
+        details = {
+            "alert_id": str(alert.id),
+            "channel": index,
+            "type": channel.get("type"),
+            "reason": channel.get("disabled_reason"),
+        }
+        await self._announce(
+            alert.id, alert.user_id, "channel_disabled", client, now, details, symbol=alert.symbol, vs=alert.vs
+        )
 
     # --- after commit --------------------------------------------------------------------------
 

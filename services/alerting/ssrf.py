@@ -27,11 +27,60 @@ def literal_address(host: str) -> IpAddress | None:
         return None
 
 
+# DNS64 gateways hand out these for IPv4-only names: where the connection ends is the embedded address.
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+SHARED_ADDRESS_SPACE = ipaddress.IPv4Network("100.64.0.0/10")
+
+
+def _embedded_ipv4(address: IpAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (IPv4-mapped, NAT64, 6to4), where the packets really go."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
+
+
+def _range_name(address: IpAddress) -> str | None:
+    # Most specific first: 127.0.0.1 is also "private" and "not global", loopback is what a reader needs.
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address.is_multicast:
+        return "multicast"
+    if isinstance(address, ipaddress.IPv4Address) and address in SHARED_ADDRESS_SPACE:
+        return "shared address space (CGNAT)"
+    if address.is_private:
+        return "private"
+    if address.is_reserved:
+        return "reserved"
+    if not address.is_global:
+        return "not globally routable"
+    return None
+
+
+def address_problem(address: IpAddress) -> str | None:
+    """Why a connection to ``address`` must not be made for a webhook (``"address 127.0.0.1 is loopback"``),
+    or None for a public address."""
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        kind = _range_name(embedded)
+        if kind is not None:
+            return f"address {address} ({embedded}) is {kind}"
+        if isinstance(address, ipaddress.IPv6Address) and (address.ipv4_mapped is not None or address in NAT64_PREFIX):
+            # Judged by where it leads: NAT64's prefix is "reserved" itself, yet carries the whole public IPv4 net.
+            return None
+    kind = _range_name(address)
+    return None if kind is None else f"address {address} is {kind}"
+
+
 def is_public(address: IpAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    # is_global is false for private, loopback, link-local, CGNAT (100.64/10), unspecified and reserved ranges.
-    return address.is_global and not address.is_multicast
+    return address_problem(address) is None
 
 
 async def private_target(url: str) -> str | None:
