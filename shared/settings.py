@@ -184,14 +184,9 @@ class Settings(BaseSettings):
             return [str(v).strip().upper() for v in value]
         return value
 
-    @field_validator("cors_origins", "oidc_algorithms", mode="before")
+    @field_validator("cors_origins", "oidc_algorithms", "alert_retry_schedule", mode="before")
     @classmethod
     def _plain_csv(cls, value: object) -> object:
-        return _split_csv(value)
-
-    @field_validator("alert_retry_schedule", mode="before")
-    @classmethod
-    def _seconds_csv(cls, value: object) -> object:
         return _split_csv(value)
 
     @field_validator("alert_retry_schedule")

@@ -159,6 +159,29 @@ async def events_of(platform: Platform, headers: dict[str, str], alert_id: str) 
     return items
 
 
+async def settled_events(
+    platform: Platform,
+    headers: dict[str, str],
+    alert_id: str,
+    *,
+    count: int = 1,
+    status: str | None = None,
+    timeout: float = 15.0,
+) -> list[dict[str, Any]]:
+    """The alert's events once there are ``count`` of them and (given ``status``) every first delivery has it."""
+
+    async def ready() -> list[dict[str, Any]] | None:
+        items = await events_of(platform, headers, alert_id)
+        if len(items) < count:
+            return None
+        if status is not None and any(e["deliveries"][0]["status"] != status for e in items):
+            return None
+        return items
+
+    found: list[dict[str, Any]] = await eventually(ready, timeout=timeout)
+    return found
+
+
 async def test_receiver_down_then_up_gets_each_event_once_by_id_with_a_valid_signature(settings, db, redis):
     await coins(db)
     receiver = Receiver()  # not listening yet: connections are refused
@@ -183,13 +206,7 @@ async def test_receiver_down_then_up_gets_each_event_once_by_id_with_a_valid_sig
 
         await receiver.start()
         try:
-
-            async def delivered() -> list[dict[str, Any]] | None:
-                items = await events_of(platform, headers, created["id"])
-                done = all(e["deliveries"][0]["status"] == "delivered" for e in items)
-                return items if done else None
-
-            items = await eventually(delivered)
+            items = await settled_events(platform, headers, created["id"], count=2, status="delivered")
             await asyncio.sleep(1.0)  # a duplicate, if any were coming, would have arrived by now
         finally:
             await receiver.stop()
@@ -230,11 +247,7 @@ async def test_stale_prices_never_fire_and_the_next_fresh_one_does(settings, db,
             assert evaluation.fired == 0
             await platform.price("45")  # fresh, below: the crossing counts now
 
-            async def fired() -> list[dict[str, Any]] | None:
-                items = await events_of(platform, headers, created["id"])
-                return items if items and items[0]["deliveries"][0]["status"] == "delivered" else None
-
-            items = await eventually(fired)
+            items = await settled_events(platform, headers, created["id"], status="delivered")
     finally:
         await receiver.stop()
     assert len(items) == 1 and Decimal(str(items[0]["price"])) == 45
@@ -272,13 +285,7 @@ async def test_a_stopped_worker_mid_delivery_loses_nothing_and_sends_nothing_twi
         receiver.hold.set()
         receiver.hold = None
         async with running_platform(settings, db, redis) as platform:
-
-            async def delivered() -> list[dict[str, Any]] | None:
-                items = await events_of(platform, headers, created["id"])
-                ok = items and items[0]["deliveries"][0]["status"] == "delivered"
-                return items if ok else None
-
-            items = await eventually(delivered, timeout=30)
+            items = await settled_events(platform, headers, created["id"], status="delivered", timeout=30)
             await asyncio.sleep(1.0)
     finally:
         await receiver.stop()
@@ -371,22 +378,14 @@ async def test_a_410_disables_the_webhook_and_429_retry_after_is_honoured(settin
             await platform.price("99")
             await platform.price("101")
 
-            async def disabled() -> list[dict[str, Any]] | None:
-                items = await events_of(platform, headers, created["id"])
-                return items if items and items[0]["deliveries"][0]["status"] == "disabled" else None
-
-            items = await eventually(disabled)
+            items = await settled_events(platform, headers, created["id"], status="disabled")
             assert items[0]["deliveries"][0]["attempts"] == 1
             alert = (await platform.client.get(f"/api/v1/alerts/{created['id']}", headers=headers)).json()
             assert alert["channels"][0]["disabled"] is True and "410" in alert["channels"][0]["disabled_reason"]
             await platform.price("99")
             await platform.price("101")
 
-            async def skipped() -> list[dict[str, Any]] | None:
-                items = await events_of(platform, headers, created["id"])
-                return items if len(items) == 2 else None
-
-            items = await eventually(skipped)
+            items = await settled_events(platform, headers, created["id"], count=2)
             assert items[0]["deliveries"][0]["status"] == "skipped"
     finally:
         await gone.stop()
@@ -421,11 +420,7 @@ async def test_email_and_sms_alerts_arrive_and_the_unsubscribe_link_works(settin
             await platform.price("99")
             await platform.price("101")
 
-            async def delivered() -> list[dict[str, Any]] | None:
-                items = await events_of(platform, headers, created["id"])
-                return items if items and items[0]["deliveries"][0]["status"] == "delivered" else None
-
-            await eventually(delivered)
+            await settled_events(platform, headers, created["id"], status="delivered")
             if channel == "sms":
                 assert len(sms_calls) == 1 and sms_calls[0]["To"] == "+15005550006"
                 assert "BTC" in sms_calls[0]["Body"] and "100" in sms_calls[0]["Body"]
@@ -488,11 +483,7 @@ async def test_percent_change_rules_take_the_window_start_from_stored_candles(se
             await platform.price("102")  # +2% on the price 30 minutes ago
             await platform.price("106")  # +6%: crosses 5%
 
-            async def fired() -> list[dict[str, Any]] | None:
-                items = await events_of(platform, headers, created["id"])
-                return items or None
-
-            items = await eventually(fired)
+            items = await settled_events(platform, headers, created["id"])
     finally:
         await receiver.stop()
     assert len(items) == 1 and items[0]["condition"] == "pct_change_up"

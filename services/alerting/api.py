@@ -89,27 +89,15 @@ The alert itself and its other channels carry on. Opening the link again changes
 """
 
 
-@router.get(
+@router.api_route(
     "/api/v1/alerts/unsubscribe",
+    methods=["GET", "POST"],
     response_model=UnsubscribeOut,
-    summary="Unsubscribe an address from an alert's emails (the email's link)",
+    summary="Unsubscribe an address from an alert's emails (the email's link; POST for one-click)",
     description=UNSUBSCRIBE_DESCRIPTION,
     responses=error_responses(404, 422),
 )
 async def unsubscribe(request: Request, service: Alerts, token: str = Query(max_length=512)) -> DecimalJSONResponse:
-    return DecimalJSONResponse(await service.unsubscribe(token, _client(request)))
-
-
-@router.post(
-    "/api/v1/alerts/unsubscribe",
-    response_model=UnsubscribeOut,
-    summary="One-click unsubscribe (RFC 8058)",
-    description=UNSUBSCRIBE_DESCRIPTION,
-    responses=error_responses(404, 422),
-)
-async def unsubscribe_one_click(
-    request: Request, service: Alerts, token: str = Query(max_length=512)
-) -> DecimalJSONResponse:
     return DecimalJSONResponse(await service.unsubscribe(token, _client(request)))
 
 
