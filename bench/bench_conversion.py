@@ -13,11 +13,8 @@ import contextlib
 import json
 import os
 import secrets
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +23,7 @@ import aiohttp
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from bench.common import Figure, scratch_database
+from bench.common import Figure, scratch_database, service_process, wait_ok
 from shared.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,38 +73,6 @@ async def _seed(database_url: str) -> None:
         await conn.close()
 
 
-@contextlib.contextmanager
-def _service(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    # A file, not a pipe: an unread pipe fills up and stalls the service on its next log line.
-    log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
-    process = subprocess.Popen(
-        [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
-
-
-async def _wait_ok(session: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: the service exited during startup (exit code {process.returncode})")
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer 200 within 60 s")
-
-
 @contextlib.asynccontextmanager
 async def _platform(database_url: str, redis_url: str) -> AsyncIterator[str]:
     conversion_port, gateway_port = free_port(), free_port()
@@ -128,11 +93,11 @@ async def _platform(database_url: str, redis_url: str) -> AsyncIterator[str]:
         "COINLYTICS_RATE_LIMIT_USER": "1000000000",
     }
     gateway_url = f"http://127.0.0.1:{gateway_port}"
-    with _service("services.conversion", env) as conversion, _service("services.gateway", env) as gateway:
+    with service_process("services.conversion", env) as conversion, service_process("services.gateway", env) as gateway:
         async with aiohttp.ClientSession() as session:
-            await _wait_ok(session, f"http://127.0.0.1:{conversion_port}/healthz", conversion)
-            await _wait_ok(session, gateway_url + "/healthz", gateway)
-            await _wait_ok(session, gateway_url + QUERIES[0], gateway)
+            await wait_ok(session, f"http://127.0.0.1:{conversion_port}/healthz", conversion)
+            await wait_ok(session, gateway_url + "/healthz", gateway)
+            await wait_ok(session, gateway_url + QUERIES[0], gateway)
         yield gateway_url
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 from sqlalchemy.engine import make_url
 
@@ -84,3 +90,39 @@ def bench_settings(database_url: str, redis_url: str, **overrides: object) -> Se
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def service_process(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m <module>`` (a service) in its own process, stopped at the end."""
+    # A file, not a pipe: an unread pipe fills up and stalls the service on its next log line.
+    log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(
+        [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log_file.close()
+
+
+async def wait_ok(session: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the service exited during startup (exit code {process.returncode})")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within 60 s")

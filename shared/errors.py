@@ -62,6 +62,11 @@ class Conflict(AppError):
     code = "conflict"
 
 
+class UpgradeRequired(AppError):
+    status = 426
+    code = "upgrade_required"
+
+
 class ValidationFailed(AppError):
     status = 422
     code = "validation_error"

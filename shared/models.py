@@ -367,3 +367,26 @@ class AlertDelivery(Base):
             postgresql_where=text("status IN ('pending', 'retrying')"),
         ),
     )
+
+
+class Comparison(Base):
+    """A user's saved comparison: a named set of coins, a currency and a range, re-run on demand. The range
+    is either relative (``period``, such as ``30d``: the last 30 days at each run) or fixed (``start`` and
+    ``end``). Written by: analytics."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    symbols: Mapped[list[str]] = mapped_column(ARRAY(String(15)))
+    vs: Mapped[str] = mapped_column(String(15))
+    period: Mapped[str | None] = mapped_column(String(10))
+    start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    interval: Mapped[str] = mapped_column(String(4), default="auto", server_default="auto")
+    benchmark: Mapped[str | None] = mapped_column(String(15))
+    risk_free_rate: Mapped[Decimal] = mapped_column(Amount, default=Decimal(0), server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (Index("uq_comparisons_user_id_name", "user_id", "name", unique=True),)

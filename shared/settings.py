@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     # Alert rules one user may keep (COINLYTICS_ALERTS_MAX_PER_USER); creating one more is a 422.
     alerts_max_per_user: int = Field(default=100, ge=1)
+    # Analytics: most points per coin one request may cover (more is a 422 naming a coarser interval), and how
+    # long a computed result may be served from the cache (it is dropped sooner when a new candle lands).
+    analytics_max_points: int = Field(default=10_000, ge=10, le=100_000)
+    analytics_cache_seconds: float = Field(default=300, ge=0)
     # Seconds before each retry of a failed alert delivery (Standard Webhooks' schedule: 5 s, 5 min, 30 min,
     # 2 h, 5 h, 10 h, 10 h: about 27 hours in all), each jittered by up to a fifth; then it is "failed".
     alert_retry_schedule: Annotated[list[float], NoDecode] = Field(

@@ -5,6 +5,7 @@ the server agree on what is valid."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # A coin or currency symbol as stored: upper-case letters and digits.
 STORED_SYMBOL_PATTERN = r"^[A-Z0-9]{1,15}$"
@@ -17,6 +18,17 @@ SYMBOL_PATTERN = f"^{_SYMBOL}$"
 def symbol_list_pattern(limit: int) -> str:
     """A comma-separated list of at most ``limit`` symbols; spaces may follow a comma."""
     return f"^{_SYMBOL}(, *{_SYMBOL}){{0,{limit - 1}}}$"
+
+
+def parse_symbols(raw: str | Sequence[str]) -> list[str]:
+    """Symbols from a comma-separated string or a list: upper-cased, duplicates dropped, order kept; raises
+    ValueError naming the entries that are not symbols."""
+    items = raw.split(",") if isinstance(raw, str) else [str(item) for item in raw]
+    symbols = [item.strip().upper() for item in items if item.strip()]
+    bad = [s for s in symbols if not SYMBOL_RE.match(s)]
+    if bad:
+        raise ValueError(f"not symbols: {', '.join(bad)}")
+    return list(dict.fromkeys(symbols))
 
 
 def choice_list_pattern(choices: tuple[str, ...]) -> str:

@@ -89,13 +89,21 @@ The alert itself and its other channels carry on. Opening the link again changes
 """
 
 
-@router.api_route(
+@router.get(
     "/api/v1/alerts/unsubscribe",
-    methods=["GET", "POST"],
     response_model=UnsubscribeOut,
-    summary="Unsubscribe an address from an alert's emails (the email's link; POST for one-click)",
+    summary="Unsubscribe an address from an alert's emails (the email's link)",
     description=UNSUBSCRIBE_DESCRIPTION,
     responses=error_responses(404, 422),
+    operation_id="unsubscribe_alert_email",
+)
+@router.post(
+    "/api/v1/alerts/unsubscribe",
+    response_model=UnsubscribeOut,
+    summary="Unsubscribe an address from an alert's emails (one-click, RFC 8058)",
+    description=UNSUBSCRIBE_DESCRIPTION,
+    responses=error_responses(404, 422),
+    operation_id="unsubscribe_alert_email_one_click",
 )
 async def unsubscribe(request: Request, service: Alerts, token: str = Query(max_length=512)) -> DecimalJSONResponse:
     return DecimalJSONResponse(await service.unsubscribe(token, _client(request)))
@@ -137,7 +145,7 @@ async def list_alerts(
 
 
 @router.get(
-    "/api/v1/alerts/{alert_id}",
+    "/api/v1/alerts/{alert_id:uuid}",
     response_model=AlertOut,
     summary="One of your alerts",
     responses=error_responses(401, 404, 422),
@@ -147,7 +155,7 @@ async def get_alert(service: Alerts, user_id: User, alert_id: AlertId) -> Decima
 
 
 @router.patch(
-    "/api/v1/alerts/{alert_id}",
+    "/api/v1/alerts/{alert_id:uuid}",
     response_model=AlertOut,
     summary="Change an alert",
     description="Any subset of the creation fields, plus `paused`; the result is checked as a new alert would "
@@ -167,7 +175,7 @@ async def update_alert(
 
 
 @router.delete(
-    "/api/v1/alerts/{alert_id}",
+    "/api/v1/alerts/{alert_id:uuid}",
     status_code=204,
     summary="Delete an alert",
     responses=error_responses(401, 404, 422),
@@ -178,7 +186,7 @@ async def delete_alert(request: Request, service: Alerts, user_id: User, alert_i
 
 
 @router.post(
-    "/api/v1/alerts/{alert_id}/pause",
+    "/api/v1/alerts/{alert_id:uuid}/pause",
     response_model=AlertOut,
     summary="Pause an alert (it keeps its settings and does not fire)",
     description='Same as `PATCH {"paused": true}`; pausing a paused alert changes nothing.',
@@ -189,7 +197,7 @@ async def pause_alert(request: Request, service: Alerts, user_id: User, alert_id
 
 
 @router.post(
-    "/api/v1/alerts/{alert_id}/resume",
+    "/api/v1/alerts/{alert_id:uuid}/resume",
     response_model=AlertOut,
     summary="Resume a paused alert",
     description='Same as `PATCH {"paused": false}`.',
@@ -200,7 +208,7 @@ async def resume_alert(request: Request, service: Alerts, user_id: User, alert_i
 
 
 @router.get(
-    "/api/v1/alerts/{alert_id}/events",
+    "/api/v1/alerts/{alert_id:uuid}/events",
     response_model=AlertEventsOut,
     summary="An alert's triggers, newest first, with each channel's delivery status",
     responses=error_responses(401, 404, 422),

@@ -1,12 +1,27 @@
-"""The analytics service's app. Its public endpoints arrive with their issue; today it serves the
-operations endpoints every service has, so the platform's shape is complete and supervised."""
+"""The analytics service's app: comparisons, statistics and charts from the stored candles, and the
+consumer that drops cached results as new candles land."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
-from shared.service_app import build_service_app
+from services.analytics.api import router
+from services.analytics.consumers import price_consumer
+from services.analytics.service import AnalyticsService
+from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
+    service = AnalyticsService(resources.settings, resources.sessions, resources.redis)
+    app.state.analytics = service
+    consumer = price_consumer(resources.redis, resources.settings, service)
+    resources.supervisor.start("price-consumer", consumer.run, check=consumer.stall_reason)
+    yield
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -14,6 +29,7 @@ def create_app(settings: Settings) -> FastAPI:
         "analytics",
         settings,
         title="Coinlytics analytics",
-        description="Analytics: comparisons, statistics and charts.",
-        routers=[],
+        description="Analytics: comparisons, statistics, anomalies and charts.",
+        routers=[router],
+        lifespan=lifespan,
     )

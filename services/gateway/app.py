@@ -14,6 +14,8 @@ from services.gateway.auth import tasks as auth_tasks
 from services.gateway.auth.api import router as auth_router
 from services.gateway.auth.service import AuthService
 from services.gateway.consumers import activity_consumer
+from services.gateway.live.api import router as live_router
+from services.gateway.live.service import LiveHub
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.service import Upstreams
 from shared.auth import Authenticator, Denylist, build_verifier
@@ -33,6 +35,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.limiter = SlidingWindowLimiter(resources.redis, settings.key("ratelimit"))
         app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
         app.state.upstreams = Upstreams(settings)
+        hub = LiveHub(
+            settings, resources.redis, resources.sessions, app.state.authenticator, app.state.limiter, app.state.auth,
+            registry=resources.registry,
+        )  # fmt: skip
+        app.state.live_hub = hub
+        resources.supervisor.start("live-hub", hub.run, check=hub.stall_reason)
         activity = activity_consumer(resources.redis, settings, resources.sessions)
         resources.supervisor.start("activity-consumer", activity.run, check=activity.stall_reason)
         supervise_worker(
@@ -54,7 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
         title="Coinlytics API",
         description="The public API of Coinlytics.",
         # The forwarding catch-all is appended after these, so it never shadows a documented route.
-        routers=[auth_router, router],
+        routers=[auth_router, router, live_router],
         lifespan=lifespan,
         serve_docs=False,
     )

@@ -241,3 +241,22 @@ async def candle_currencies(session: AsyncSession, bases: Iterable[str]) -> set[
     wanted = list(bases)
     result = await session.execute(select(Price.base, Price.vs).where(Price.base.in_(wanted)))
     return {(row[0], row[1]) for row in result.all()}
+
+
+_SOURCE_PRICES_SQL = text(
+    "SELECT source, quote, date_bin(make_interval(secs => :step), exchange_ts, TIMESTAMPTZ '1970-01-01 00:00:00+00') "
+    "AS t, (array_agg(price ORDER BY exchange_ts DESC))[1] AS price "
+    "FROM ticks WHERE base = :base AND quote = ANY(:quotes) AND exchange_ts >= :lo AND exchange_ts < :hi "
+    "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+)
+
+
+async def source_prices(
+    session: AsyncSession, base: str, quotes: Sequence[str], step_seconds: int, lo: Any, hi: Any
+) -> list[dict[str, Any]]:
+    """Each source's last traded price per ``step_seconds`` bucket of [lo, hi), for the given quote currencies
+    (raw ticks: kept for COINLYTICS_RETENTION_TICKS_HOURS). Read-only; for the analytics sources chart."""
+    result = await session.execute(
+        _SOURCE_PRICES_SQL, {"step": step_seconds, "base": base, "quotes": list(quotes), "lo": lo, "hi": hi}
+    )
+    return [dict(row._mapping) for row in result]

@@ -18,7 +18,7 @@ INSERT_CHUNK = 1000
 STEP_SECONDS = {"1m": 60, "1h": 3600, "1d": 86_400}
 # Buckets are aligned on the Unix epoch, as service.floor_time does.
 ORIGIN = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
-PAIR_RANGE = "base = :base AND vs = :vs AND t >= :lo AND t < :hi"
+PAIRS_RANGE = "base = ANY(:bases) AND vs = :vs AND t >= :lo AND t < :hi"
 
 
 async def upsert_live_candles(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
@@ -61,51 +61,101 @@ def _live_candle_upsert() -> Any:
 _LIVE_CANDLE_UPSERT = _live_candle_upsert()
 
 
-def _level_sql(level: str) -> str:
-    """Rows at ``level`` granularity (1m, 1h or 1d) for :base/:vs in [:lo, :hi).
+def _level_sql(level: str, *, base: str = "ANY(:bases)", lo: str = ":lo", hi: str = ":hi") -> str:
+    """Rows (base, t, ohlcv) at ``level`` granularity (1m, 1h or 1d) for the coins :bases in :vs, in [:lo, :hi).
 
-    A stored row of that interval wins; a bucket without one is aggregated from the next finer level,
-    so the latest hour/day (not rolled up yet) and hours whose 1-minute rows are all there is still show."""
-    stored = f"SELECT t, open, high, low, close, volume FROM candles WHERE {PAIR_RANGE} AND interval = '{level}'"  # noqa: S608
+    A stored row of that interval wins; a bucket without one is aggregated from the next finer level, so the
+    latest hour/day (not rolled up yet) and hours whose 1-minute rows are all there is still show. Only the
+    buckets that lack a stored row look at the finer level (a range search per missing bucket), so a year of
+    daily candles reads some 365 rows a coin, not the half-million 1-minute rows below them. ``base``, ``lo``
+    and ``hi`` are SQL: the bind parameters at the top, the missing bucket's columns one level down."""
+    stored = (
+        f"SELECT base, t, open, high, low, close, volume FROM candles "  # noqa: S608
+        f"WHERE base = {base} AND vs = :vs AND interval = '{level}' AND t >= {lo} AND t < {hi}"
+    )
     finer = {"1h": "1m", "1d": "1h"}.get(level)
     if finer is None:
         return stored
     step = f"INTERVAL '{STEP_SECONDS[level]} seconds'"
+    # m_<level>: every bucket of the range, per coin, that has no stored row at this level.
+    m = f"m_{level}"
+    coins = "unnest(CAST(:bases AS varchar[]))" if base == "ANY(:bases)" else f"(VALUES ({base}))"
+    missing = (
+        f"SELECT b.base, g.t FROM {coins} AS b(base) "  # noqa: S608
+        f"CROSS JOIN generate_series(date_bin({step}, {lo}, {ORIGIN}), {hi} - INTERVAL '1 microsecond', {step}) "
+        f"AS g(t) "
+        f"WHERE g.t >= {lo} AND NOT EXISTS (SELECT 1 FROM candles c WHERE c.base = b.base AND c.vs = :vs "
+        f"AND c.interval = '{level}' AND c.t = g.t)"
+    )
+    below = _level_sql(finer, base=f"{m}.base", lo=f"{m}.t", hi=f"{m}.t + {step}")
     # Only our constants are formatted in (level names, step lengths); every value is a bind parameter.
     return (
         f"{stored} UNION ALL "  # noqa: S608
-        f"SELECT date_bin({step}, f.t, {ORIGIN}) AS t, {_agg('f')} "
-        f"FROM ({_level_sql(finer)}) AS f "
-        f"WHERE NOT EXISTS (SELECT 1 FROM candles c WHERE c.base = :base AND c.vs = :vs AND c.interval = '{level}' "
-        f"AND c.t = date_bin({step}, f.t, {ORIGIN})) "
-        f"GROUP BY 1"
+        f"SELECT {m}.base, {m}.t, {_agg('f')} FROM ({missing}) AS {m} "
+        f"CROSS JOIN LATERAL ({below}) AS f GROUP BY 1, 2"
     )
+
+
+def _agg_parts(alias: str) -> list[str]:
+    # first/last by time; SUM of only nulls stays null (consolidated candles have no volume).
+    return [
+        f"(array_agg({alias}.open ORDER BY {alias}.t))[1] AS open",
+        f"max({alias}.high) AS high",
+        f"min({alias}.low) AS low",
+        f"(array_agg({alias}.close ORDER BY {alias}.t DESC))[1] AS close",
+        f"sum({alias}.volume) AS volume",
+    ]
 
 
 def _agg(alias: str) -> str:
-    # first/last by time; SUM of only nulls stays null (consolidated candles have no volume).
-    return (
-        f"(array_agg({alias}.open ORDER BY {alias}.t))[1] AS open, max({alias}.high) AS high, "
-        f"min({alias}.low) AS low, (array_agg({alias}.close ORDER BY {alias}.t DESC))[1] AS close, "
-        f"sum({alias}.volume) AS volume"
-    )
+    return ", ".join(_agg_parts(alias))
 
 
 def _source_level(interval: str, step: int) -> str:
     return max((lvl for lvl, s in STEP_SECONDS.items() if s <= step and step % s == 0), key=STEP_SECONDS.__getitem__)
 
 
+def candles_sql(interval: str, *, floats: bool = False) -> str:
+    """The query of ``read_candles_many``: every coin's candles of ``interval`` (1m, 5m, 15m, 1h, 4h, 1d) in
+    one statement, aggregated in PostgreSQL from the coarsest stored level that divides it. ``floats`` casts
+    the prices to float8 there (for statistics, which compute in float64 anyway)."""
+    step = int(interval[:-1]) * {"m": 60, "h": 3600, "d": 86_400}[interval[-1]]
+    level = _source_level(interval, step)
+    columns = f"{_agg('s')}"
+    if floats:
+        columns = ", ".join(
+            f"({part.rsplit(' AS ', 1)[0]})::float8 AS {part.rsplit(' AS ', 1)[1]}" for part in _agg_parts("s")
+        )
+    return (
+        f"SELECT s.base, date_bin(INTERVAL '{step} seconds', s.t, {ORIGIN}) AS t, {columns} "  # noqa: S608
+        f"FROM ({_level_sql(level)}) AS s GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+
+
+async def read_candle_floats(
+    session: AsyncSession, bases: Sequence[str], vs: str, interval: str, lo: datetime, hi: datetime
+) -> list[tuple[str, datetime, float, float, float, float, float | None]]:
+    """``read_candles_many`` as plain tuples (base, t, open, high, low, close, volume) of floats: what a
+    statistics read wants, without a Decimal and a dict per value."""
+    result = await session.execute(
+        text(candles_sql(interval, floats=True)), {"bases": list(bases), "vs": vs, "lo": lo, "hi": hi}
+    )
+    return [tuple(row) for row in result.all()]  # type: ignore[misc]
+
+
 async def read_candles(
     session: AsyncSession, base: str, vs: str, interval: str, lo: datetime, hi: datetime
 ) -> list[dict[str, Any]]:
     """Candles of ``interval`` (1m, 5m, 15m, 1h, 4h, 1d) starting in [lo, hi), aggregated in PostgreSQL."""
-    step = int(interval[:-1]) * {"m": 60, "h": 3600, "d": 86_400}[interval[-1]]
-    level = _source_level(interval, step)
-    sql = (
-        f"SELECT date_bin(INTERVAL '{step} seconds', s.t, {ORIGIN}) AS t, {_agg('s')} "  # noqa: S608
-        f"FROM ({_level_sql(level)}) AS s GROUP BY 1 ORDER BY 1"
-    )
-    result = await session.execute(text(sql), {"base": base, "vs": vs, "lo": lo, "hi": hi})
+    rows = await read_candles_many(session, [base], vs, interval, lo, hi)
+    return [{k: v for k, v in row.items() if k != "base"} for row in rows]
+
+
+async def read_candles_many(
+    session: AsyncSession, bases: Sequence[str], vs: str, interval: str, lo: datetime, hi: datetime
+) -> list[dict[str, Any]]:
+    """Several coins' candles in one query: rows with ``base`` and ``t``, ordered by coin then time."""
+    result = await session.execute(text(candles_sql(interval)), {"bases": list(bases), "vs": vs, "lo": lo, "hi": hi})
     return [dict(r._mapping) for r in result]
 
 

@@ -140,7 +140,15 @@ class HistoryQuery:
 
 
 def plan_query(
-    symbol: str, vs: str, start: datetime | None, end: datetime | None, interval: str, *, now: datetime
+    symbol: str,
+    vs: str,
+    start: datetime | None,
+    end: datetime | None,
+    interval: str,
+    *,
+    now: datetime,
+    max_points: int = MAX_POINTS,
+    default_range: timedelta = DEFAULT_RANGE,
 ) -> HistoryQuery:
     """Validate a history request; raises ValidationFailed with a message that says what to change."""
     if interval not in INTERVAL_CHOICES:
@@ -149,7 +157,7 @@ def plan_query(
             details={"allowed": list(INTERVAL_CHOICES)},
         )
     end = end or now
-    start = start or end - DEFAULT_RANGE
+    start = start or end - default_range
     if start >= end:
         raise ValidationFailed(
             f"start ({iso_z(start)}) must be before end ({iso_z(end)})",
@@ -158,13 +166,13 @@ def plan_query(
     chosen = choose_interval(start, end) if interval == "auto" else interval
     query = HistoryQuery(symbol, vs, start, end, chosen, auto=interval == "auto")
     points = (ceil_time(end, query.step) - floor_time(start, query.step)) // timedelta(seconds=query.step)
-    if points > MAX_POINTS:
+    if points > max_points:
         span = (end - start).total_seconds()
-        coarser = [i for i, s in INTERVAL_SECONDS.items() if s > query.step and span / s < MAX_POINTS]
+        coarser = [i for i, s in INTERVAL_SECONDS.items() if s > query.step and span / s < max_points]
         hint = f"; use interval={coarser[0]} or a shorter range" if coarser else "; use a shorter range"
         raise ValidationFailed(
-            f"range too long for interval {chosen}: {points} candles, at most {MAX_POINTS} per request{hint}",
-            details={"interval": chosen, "points": points, "max_points": MAX_POINTS},
+            f"range too long for interval {chosen}: {points} candles, at most {max_points} per request{hint}",
+            details={"interval": chosen, "points": points, "max_points": max_points},
         )
     return query
 
