@@ -146,9 +146,7 @@ async def test_gateway_spec_holds_under_schemathesis(platform, db, tmp_path):
         assert created.status_code == 201
         await db.execute("UPDATE users SET role = 'admin' WHERE email = $1", user)
         spec = (await client.get("/openapi.json")).json()
-    assert "x-unavailable-services" not in spec["info"] or set(spec["info"]["x-unavailable-services"]) <= {
-        "conversion"
-    }
+    assert "x-unavailable-services" not in spec["info"] or set(spec["info"]["x-unavailable-services"]) <= {"conversion"}
     assert spec["components"]["securitySchemes"]["OAuth2PasswordBearer"]["flows"]["password"]["tokenUrl"] == (
         "/api/v1/auth/login"
     )
