@@ -57,6 +57,11 @@ class UnknownCurrency(NotFound):
     code = "unknown_currency"
 
 
+class MethodNotAllowed(AppError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class Conflict(AppError):
     status = 409
     code = "conflict"

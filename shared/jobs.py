@@ -105,9 +105,16 @@ class JobQueue:
             self.pool = None
 
     async def enqueue(
-        self, service: str, function: str, *args: Any, job_id: str, defer_seconds: float | None = None
+        self,
+        service: str,
+        function: str,
+        *args: Any,
+        job_id: str,
+        defer_seconds: float | None = None,
+        expires: timedelta | None = None,
     ) -> bool:
-        """True when the job was queued, False when one with this id already exists."""
+        """True when the job was queued, False when one with this id already exists. ``expires``: how long the
+        job may wait in the queue, retries included (arq's default is a day)."""
         await self.start()
         assert self.pool is not None
         job = await self.pool.enqueue_job(
@@ -116,6 +123,7 @@ class JobQueue:
             _job_id=job_id,
             _queue_name=queue_name(self.settings, service),
             _defer_by=timedelta(seconds=defer_seconds) if defer_seconds else None,
+            _expires=expires,
         )
         return job is not None
 

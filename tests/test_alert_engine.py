@@ -14,17 +14,25 @@ T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 D = Decimal
 
 
-def feed(engine: AlertEngine, prices: list[str], *, start: datetime = T0, step: timedelta = timedelta(seconds=1),
-         status: str = "fresh") -> list[list[str]]:  # fmt: skip
-    """The ids fired by each price in turn."""
+_CLOCKS: dict[int, datetime] = {}
+
+
+def feed(engine: AlertEngine, prices: list[str], *, start: datetime | None = None,
+         step: timedelta = timedelta(seconds=1), status: str = "fresh") -> list[list[str]]:  # fmt: skip
+    """The ids fired by each price in turn; times go on from the engine's previous feed unless ``start`` is
+    given (the engine skips a price older than one it has evaluated)."""
+    at = start if start is not None else _CLOCKS.get(id(engine), T0)
     out = []
-    for i, price in enumerate(prices):
-        out.append([t.rule_id for t in engine.on_price("BTC", "USD", D(price), status, start + i * step)])
+    for price in prices:
+        out.append([t.rule_id for t in engine.on_price("BTC", "USD", D(price), status, at)])
+        at += step
+    _CLOCKS[id(engine)] = at
     return out
 
 
 def rule(rule_id: str, condition: str, threshold: str, **kwargs: object) -> Rule:
-    return Rule(rule_id, "BTC", "USD", condition, D(threshold), cooldown_seconds=0, **kwargs)  # type: ignore[arg-type]
+    values: dict[str, object] = {"cooldown_seconds": 0, **kwargs}
+    return Rule(rule_id, "BTC", "USD", condition, D(threshold), **values)  # type: ignore[arg-type]
 
 
 def test_above_fires_on_the_crossing_not_on_every_price_beyond_it():
@@ -169,3 +177,36 @@ def test_unknown_conditions_and_percent_rules_without_a_window_are_refused():
         engine.upsert(rule("x", "sideways", "1"))
     with pytest.raises(ValueError, match="window_minutes"):
         engine.upsert(rule("y", "pct_change_up", "1"))
+
+
+def test_a_price_older_than_one_evaluated_is_skipped_not_compared():
+    """A reclaimed stream entry can arrive after a newer one: P1 99, P3 102, then P2 101. The real path only
+    went up, so the "below 101.5" rule must not fire on 102 -> 101."""
+    engine = AlertEngine()
+    engine.load([rule("down", "below", "101.5"), rule("up", "above", "100")])
+    assert [t.rule_id for t in engine.on_price("BTC", "USD", D("99"), "fresh", T0)] == []
+    assert [t.rule_id for t in engine.on_price("BTC", "USD", D("102"), "fresh", T0 + timedelta(seconds=2))] == ["up"]
+    assert engine.on_price("BTC", "USD", D("101"), "fresh", T0 + timedelta(seconds=1)) == []
+    assert engine.on_price("BTC", "USD", D("101"), "fresh", T0 + timedelta(seconds=2)) == []
+
+
+def test_a_trigger_names_the_price_before_the_crossing():
+    engine = AlertEngine()
+    engine.load([rule("a", "above", "100")])
+    engine.on_price("BTC", "USD", D("99"), "fresh", T0)
+    engine.on_price("BTC", "USD", D("99.5"), "stale", T0 + timedelta(seconds=1))
+    [fired] = engine.on_price("BTC", "USD", D("101"), "fresh", T0 + timedelta(seconds=2))
+    assert fired.previous_at == T0 and fired.previous == D("99")
+
+
+def test_an_edit_that_keeps_the_terms_keeps_the_rule_disarmed():
+    """Editing a channel or the cooldown is not a new rule: inside the hysteresis band it stays disarmed."""
+    engine = AlertEngine()
+    engine.load([rule("a", "above", "100")])
+    assert feed(engine, ["99", "100.05"]) == [[], ["a"]]
+    later = T0 + timedelta(days=1)
+    engine.upsert(rule("a", "above", "100", expires_at=later))
+    assert feed(engine, ["99.95", "100.05"]) == [[], []], "a swing inside the band does not re-arm it"
+    assert engine.rules["a"].expires_at == later
+    engine.upsert(rule("a", "above", "100.01"))  # new terms: armed again
+    assert feed(engine, ["99.9", "100.05"]) == [[], ["a"]]

@@ -309,3 +309,28 @@ async def test_saved_comparisons_belong_to_their_user_and_run_again(platform):
     assert run.json()["coins"] == direct.json()["coins"]
     assert (await platform.delete(path, headers=ana)).status_code == 204
     assert (await platform.get(path, headers=ana)).status_code == 404
+
+
+async def test_without_btc_tracked_compare_works_and_beta_says_why_it_is_missing(platform, db):
+    await db.execute("UPDATE coins SET active = false WHERE symbol = 'BTC'")
+    response = await platform.get("/api/v1/analytics/compare", params={"symbols": "ETH,SOL", "vs": "USD", **RANGE})
+    assert response.status_code == 200, response.text
+    coins = response.json()["coins"]
+    assert all(c["beta"] is None and "beta" in c["nulls"] for c in coins), coins
+    named = await platform.get(
+        "/api/v1/analytics/compare", params={"symbols": "ETH,SOL", "vs": "USD", "benchmark": "BTC", **RANGE}
+    )
+    assert named.status_code == 404 and "BTC" in named.json()["error"]["message"]
+    with_eth = await platform.get(
+        "/api/v1/analytics/compare", params={"symbols": "ETH,SOL", "vs": "USD", "benchmark": "ETH", **RANGE}
+    )
+    assert {c["symbol"]: c["beta"] for c in with_eth.json()["coins"]}["ETH"] == pytest.approx(1.0)
+
+
+async def test_unknown_assets_and_out_of_range_saved_dates_are_refused(platform):
+    assert (await platform.get("/api/v1/charts/assets/nope.js")).status_code == 404
+    await register(platform, "dates@example.com")
+    headers = bearer((await tokens(platform, "dates@example.com"))["access_token"])
+    far = {"name": "far", "symbols": ["BTC", "ETH"], "start": "9999-12-31T00:00:00Z", "end": "9999-12-31T12:00:00Z"}
+    response = await platform.post("/api/v1/analytics/comparisons", json=far, headers=headers)
+    assert response.status_code == 422, response.text

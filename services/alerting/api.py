@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi.responses import HTMLResponse
 
+from services.alerting.channels.mail import render_unsubscribe_page
 from services.alerting.schemas import AlertEventsOut, AlertIn, AlertListOut, AlertOut, AlertPatch, UnsubscribeOut
 from services.alerting.service import AlertService
 from shared.auth import Principal, require_user
-from shared.errors import Unauthorized, error_responses
+from shared.errors import MethodNotAllowed, Unauthorized, error_responses
 from shared.responses import DecimalJSONResponse
 from shared.service_app import lifespan_state
 
@@ -83,30 +86,58 @@ def _client(request: Request) -> str | None:
 
 
 UNSUBSCRIBE_DESCRIPTION = """
-The link in every alert email: stops that alert's emails to that address, without signing in (the signed,
-single-purpose `token` is the proof). Answers `POST` too, for mail clients' one-click unsubscribe (RFC 8058).
-The alert itself and its other channels carry on. Opening the link again changes nothing.
+The link in every alert email stops that alert's emails to that address, without signing in: the signed,
+single-purpose `token` (bound to the alert, the channel and the address) is the proof. `GET` shows a page
+that asks to confirm (mail scanners open links); `POST`, from its button or from a mail client's one-click
+unsubscribe (RFC 8058), does it. The alert and its other channels carry on. Doing it again changes nothing.
 """
 
 
 @router.get(
     "/api/v1/alerts/unsubscribe",
+    response_class=HTMLResponse,
+    summary="The email's unsubscribe link: a page that asks to confirm",
+    description=UNSUBSCRIBE_DESCRIPTION,
+    responses=error_responses(422),
+    operation_id="unsubscribe_alert_email_page",
+)
+async def unsubscribe_page(request: Request, token: str = Query(max_length=512)) -> HTMLResponse:
+    # Opening the link changes nothing: mail scanners open every link. The button POSTs to the same URL.
+    return HTMLResponse(
+        render_unsubscribe_page(
+            title="Unsubscribe from this alert's emails?",
+            message="This alert will stop emailing this address. The alert itself and its other channels carry on.",
+            action=f"/api/v1/alerts/unsubscribe?token={quote(token)}",
+        ),
+        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+    )
+
+
+@router.post(
+    "/api/v1/alerts/unsubscribe",
     response_model=UnsubscribeOut,
-    summary="Unsubscribe an address from an alert's emails (the email's link)",
+    summary="Unsubscribe an address from an alert's emails (the page's button, and one-click RFC 8058)",
     description=UNSUBSCRIBE_DESCRIPTION,
     responses=error_responses(404, 422),
     operation_id="unsubscribe_alert_email",
 )
-@router.post(
-    "/api/v1/alerts/unsubscribe",
-    response_model=UnsubscribeOut,
-    summary="Unsubscribe an address from an alert's emails (one-click, RFC 8058)",
-    description=UNSUBSCRIBE_DESCRIPTION,
-    responses=error_responses(404, 422),
-    operation_id="unsubscribe_alert_email_one_click",
-)
-async def unsubscribe(request: Request, service: Alerts, token: str = Query(max_length=512)) -> DecimalJSONResponse:
-    return DecimalJSONResponse(await service.unsubscribe(token, _client(request)))
+async def unsubscribe(request: Request, service: Alerts, token: str = Query(max_length=512)) -> Response:
+    done = await service.unsubscribe(token, _client(request))
+    if "text/html" in request.headers.get("accept", ""):
+        return HTMLResponse(
+            render_unsubscribe_page(
+                title="Unsubscribed",
+                message=f"No more emails from this alert will go to {done['to']}.",
+            ),
+            headers={"Cache-Control": "no-store"},
+        )
+    return DecimalJSONResponse(done)
+
+
+@router.api_route("/api/v1/alerts/unsubscribe", methods=["PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unsubscribe_other_methods() -> None:
+    # Without this, these methods would reach /api/v1/alerts/{alert_id} and read "unsubscribe" as an id.
+    raise MethodNotAllowed("the unsubscribe link takes GET or POST", headers={"Allow": "GET, POST"})
 
 
 @router.post(
@@ -145,7 +176,7 @@ async def list_alerts(
 
 
 @router.get(
-    "/api/v1/alerts/{alert_id:uuid}",
+    "/api/v1/alerts/{alert_id}",
     response_model=AlertOut,
     summary="One of your alerts",
     responses=error_responses(401, 404, 422),
@@ -155,7 +186,7 @@ async def get_alert(service: Alerts, user_id: User, alert_id: AlertId) -> Decima
 
 
 @router.patch(
-    "/api/v1/alerts/{alert_id:uuid}",
+    "/api/v1/alerts/{alert_id}",
     response_model=AlertOut,
     summary="Change an alert",
     description="Any subset of the creation fields, plus `paused`; the result is checked as a new alert would "
@@ -175,7 +206,7 @@ async def update_alert(
 
 
 @router.delete(
-    "/api/v1/alerts/{alert_id:uuid}",
+    "/api/v1/alerts/{alert_id}",
     status_code=204,
     summary="Delete an alert",
     responses=error_responses(401, 404, 422),
@@ -186,7 +217,7 @@ async def delete_alert(request: Request, service: Alerts, user_id: User, alert_i
 
 
 @router.post(
-    "/api/v1/alerts/{alert_id:uuid}/pause",
+    "/api/v1/alerts/{alert_id}/pause",
     response_model=AlertOut,
     summary="Pause an alert (it keeps its settings and does not fire)",
     description='Same as `PATCH {"paused": true}`; pausing a paused alert changes nothing.',
@@ -197,7 +228,7 @@ async def pause_alert(request: Request, service: Alerts, user_id: User, alert_id
 
 
 @router.post(
-    "/api/v1/alerts/{alert_id:uuid}/resume",
+    "/api/v1/alerts/{alert_id}/resume",
     response_model=AlertOut,
     summary="Resume a paused alert",
     description='Same as `PATCH {"paused": false}`.',
@@ -208,7 +239,7 @@ async def resume_alert(request: Request, service: Alerts, user_id: User, alert_i
 
 
 @router.get(
-    "/api/v1/alerts/{alert_id:uuid}/events",
+    "/api/v1/alerts/{alert_id}/events",
     response_model=AlertEventsOut,
     summary="An alert's triggers, newest first, with each channel's delivery status",
     responses=error_responses(401, 404, 422),

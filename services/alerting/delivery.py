@@ -21,7 +21,7 @@ from arq.worker import Retry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.alerting import repository
-from services.alerting.channels.mail import render_alert_email, send_alert_email, unsubscribe_token
+from services.alerting.channels.mail import recipient_key, render_alert_email, send_alert_email, unsubscribe_token
 from services.alerting.channels.outcome import Outcome
 from services.alerting.channels.sms import SmsSender, sms_text
 from services.alerting.channels.webhook import WebhookSender
@@ -141,7 +141,8 @@ class DeliveryService:
         if kind == "email":
             if not self.email.configured:
                 return Outcome("failed", "email channel is not configured (COINLYTICS_SMTP_URL)")
-            token = unsubscribe_token(self.unsubscribe_key, attempt.alert_id, attempt.channel_index)
+            key = recipient_key(self.unsubscribe_key, channel["to"])
+            token = unsubscribe_token(key, attempt.alert_id, attempt.channel_index)
             base = self.settings.public_url.rstrip("/")
             unsubscribe_url = f"{base}/api/v1/alerts/unsubscribe?token={quote(token)}"
             subject, text, html = render_alert_email(

@@ -64,6 +64,9 @@ class Trigger:
     previous: Decimal
     price: Decimal
     at: datetime
+    # When the book last moved before this update (its previous fresh price): with the alert, it names the
+    # crossing, so the same crossing seen again (a redelivery, a new leader) is recognised as the same event.
+    previous_at: datetime | None = None
 
 
 class _Sorted:
@@ -100,10 +103,17 @@ class _Book:
     disarmed: dict[str, _Sorted] = field(default_factory=dict)  # same keys -> by re-arm level
     last_price: Decimal | None = None
     last_spread: Decimal | None = None
+    # The time of the last fresh price evaluated: an older one arriving later (a reclaimed stream entry) is
+    # skipped, never compared against a newer reference.
+    last_at: datetime | None = None
     # Fresh prices seen within the longest window any pct rule of this book asks for.
     history: list[tuple[datetime, Decimal]] = field(default_factory=list)
     last_change: dict[int, Decimal] = field(default_factory=dict)  # window minutes -> last percent change
     windows: dict[int, int] = field(default_factory=dict)  # window minutes -> how many rules use it
+
+
+def _terms(rule: Rule) -> tuple[object, ...]:
+    return (rule.symbol, rule.vs, rule.condition, rule.threshold, rule.window_minutes)
 
 
 def _slot(rule: Rule) -> str:
@@ -115,6 +125,7 @@ def _slot(rule: Rule) -> str:
 class AlertEngine:
     def __init__(self, band: Decimal = DEFAULT_BAND) -> None:
         self.band = band
+        self._previous_at: datetime | None = None
         self.rules: dict[str, Rule] = {}
         self.armed: dict[str, bool] = {}
         self.books: dict[tuple[str, str], _Book] = {}
@@ -147,8 +158,18 @@ class AlertEngine:
             raise ValueError("a percent-change rule needs window_minutes")
 
     def upsert(self, rule: Rule) -> None:
-        """Add or replace a rule. A changed rule starts armed again: its old state described other terms."""
+        """Add or replace a rule. A rule whose terms changed starts armed again (its old state described other
+        terms); one whose terms are the same (a channel edited, a cooldown changed) keeps its state."""
         self._check(rule)
+        current = self.rules.get(rule.id)
+        if current is not None and _terms(current) == _terms(rule):
+            for name in ("cooldown_seconds", "one_shot", "expires_at", "paused"):
+                setattr(current, name, getattr(rule, name))
+            if rule.last_fired_at is not None and (
+                current.last_fired_at is None or rule.last_fired_at > current.last_fired_at
+            ):
+                current.last_fired_at = rule.last_fired_at
+            return
         self.remove(rule.id)
         self.rules[rule.id] = rule
         self.armed[rule.id] = True
@@ -213,6 +234,10 @@ class AlertEngine:
         book = self.books.get((symbol, vs))
         if book is None or status != "fresh" or not price.is_finite() or price <= 0:
             return []
+        if book.last_at is not None and at <= book.last_at:
+            return []
+        self._previous_at = book.last_at
+        book.last_at = at
         fired: list[Trigger] = []
         previous = book.last_price
         if previous is not None:
@@ -279,7 +304,12 @@ class AlertEngine:
                 continue
             if rule.last_fired_at is not None and at - rule.last_fired_at < timedelta(seconds=rule.cooldown_seconds):
                 continue  # still armed: the next crossing after the cooldown fires
-            fired.append(Trigger(rule.id, rule.symbol, rule.vs, rule.condition, rule.threshold, now, before, price, at))
+            fired.append(
+                Trigger(
+                    rule.id, rule.symbol, rule.vs, rule.condition, rule.threshold, now, before, price, at,
+                    previous_at=self._previous_at,
+                )
+            )  # fmt: skip
             rule.last_fired_at = at
             if rule.one_shot:
                 self.remove(rule.id)

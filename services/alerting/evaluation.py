@@ -56,6 +56,7 @@ EVALUATOR_GROUP = "alerting"
 # The queue delivery jobs run in (its own worker: many concurrent sends, a short job timeout).
 DELIVERY_QUEUE = "alerting-delivery"
 DELIVER_JOB = "deliver_alert"
+DELIVERY_JOB_EXPIRES = timedelta(days=3)
 LEASE_TTL_MS = 10_000
 LEASE_RENEW_SECONDS = 3.0
 # Event ids: uuid5 of the alert and the price event under this namespace (any fixed uuid would do).
@@ -79,8 +80,21 @@ def delivery_job_id(event_id: uuid.UUID | str, channel_index: int) -> str:
     return f"alert-delivery:{event_id}:{channel_index}"
 
 
-def event_id_for(alert_id: str, price_event_id: str) -> uuid.UUID:
-    return uuid.uuid5(EVENT_NAMESPACE, f"{alert_id}/{price_event_id}")
+async def enqueue_delivery(jobs: JobQueue, event_id: uuid.UUID, channel_index: int) -> bool:
+    """Queues the delivery job of one event's channel; a no-op while that job exists. It may live 3 days: the
+    retry schedule spans about 27 hours, past arq's default of one."""
+    return await jobs.enqueue(
+        DELIVERY_QUEUE, DELIVER_JOB, str(event_id), channel_index,
+        job_id=delivery_job_id(event_id, channel_index), expires=DELIVERY_JOB_EXPIRES,
+    )  # fmt: skip
+
+
+def event_id_for(trigger: Trigger, price_event_id: str) -> uuid.UUID:
+    """The event's id, from the alert and the crossing: the moment of the price before it (the reference).
+    Whichever price event shows the same crossing (redelivered, or a newer one seen first by a new leader
+    after a crash) yields the same id. Without a reference time, the price event names it."""
+    crossing = iso_z(trigger.previous_at) if trigger.previous_at is not None else f"event:{price_event_id}"
+    return uuid.uuid5(EVENT_NAMESPACE, f"{trigger.rule_id}/{crossing}")
 
 
 def rule_of(alert: Alert | Row[Any]) -> Rule:
@@ -179,6 +193,9 @@ class EvaluationService:
         self.changes_stream = settings.key("stream", ALERT_CHANGES_STREAM)
         self.leading = False
         self.loaded_at: float | None = None
+        # Loading every rule and applying a change must not interleave: a change applied between the load's
+        # read and its swap into the engine would be lost.
+        self._rules_lock = asyncio.Lock()
         self._dirty = False
         self.fired = 0
         self.consumer = StreamConsumer.configured(
@@ -227,9 +244,6 @@ class EvaluationService:
         # Changes from this moment on are replayed over the loaded rules (re-reading an alert is idempotent).
         newest = await self.redis.xrevrange(self.changes_stream, count=1)
         cursor = newest[0][0].decode() if newest else "0-0"
-        await self.load()
-        self.leading = True
-        log.info("alert_evaluator_leading", consumer=self.name, **self.engine.counts())
 
         async def keep_lease() -> None:
             while not lost.is_set():
@@ -261,12 +275,18 @@ class EvaluationService:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), timeout=1.0)
 
-        tasks = [
-            asyncio.create_task(keep_lease(), name="alert-lease"),
-            asyncio.create_task(follow_changes(), name="alert-changes"),
-            asyncio.create_task(self.consumer.run(lost), name="alert-prices"),
-        ]
+        # The lease is kept from the start: loading a million rules takes seconds.
+        tasks = [asyncio.create_task(keep_lease(), name="alert-lease")]
         try:
+            await self.load()
+            if lost.is_set():
+                return  # the lease lapsed while loading: another replica leads now
+            self.leading = True
+            log.info("alert_evaluator_leading", consumer=self.name, **self.engine.counts())
+            tasks += [
+                asyncio.create_task(follow_changes(), name="alert-changes"),
+                asyncio.create_task(self.consumer.run(lost), name="alert-prices"),
+            ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 if task.exception() is not None:
@@ -286,6 +306,10 @@ class EvaluationService:
 
     async def load(self) -> None:
         """Every evaluable rule from PostgreSQL, and the last evaluated price of each pair from Redis."""
+        async with self._rules_lock:
+            await self._load()
+
+    async def _load(self) -> None:
         started = time.monotonic()
         now = datetime.now(UTC)
         async with self.sessions() as session:
@@ -303,6 +327,9 @@ class EvaluationService:
                 reference = json.loads(blob)
                 book.last_price = Decimal(reference["price"]) if reference.get("price") else None
                 book.last_spread = Decimal(reference["spread"]) if reference.get("spread") else None
+                book.last_at = (
+                    datetime.fromisoformat(reference["at"].replace("Z", "+00:00")) if reference.get("at") else None
+                )
             except (ValueError, KeyError, TypeError, InvalidOperation):
                 log.warning("alert_reference_unreadable", pair=field.decode())
         self._dirty = False
@@ -333,6 +360,10 @@ class EvaluationService:
             self.engine.seed_history(symbol, vs, samples)
 
     async def apply_changes(self, messages: Sequence[StreamMessage]) -> None:
+        async with self._rules_lock:
+            await self._apply_changes(messages)
+
+    async def _apply_changes(self, messages: Sequence[StreamMessage]) -> None:
         ids: list[uuid.UUID] = []
         for message in messages:
             try:
@@ -402,7 +433,11 @@ class EvaluationService:
             if book.last_price is None:
                 continue
             mapping[f"{pair[0]}:{pair[1]}"] = json.dumps(
-                {"price": str(book.last_price), "spread": None if book.last_spread is None else str(book.last_spread)}
+                {
+                    "price": str(book.last_price),
+                    "spread": None if book.last_spread is None else str(book.last_spread),
+                    "at": iso_z(book.last_at),
+                }
             )
         if mapping:
             await self.redis.hset(self.references_key, mapping=mapping)  # type: ignore[misc]
@@ -421,7 +456,7 @@ class EvaluationService:
                 alert = alerts.get(uuid.UUID(trigger.rule_id))
                 if alert is None or alert.paused:
                     continue  # deleted or paused since the engine last heard of it
-                event_id = event_id_for(trigger.rule_id, price_event_id)
+                event_id = event_id_for(trigger, price_event_id)
                 payload = event_payload(event_id, alert, trigger, now)
                 payloads[event_id] = payload
                 events.append(
@@ -468,9 +503,7 @@ class EvaluationService:
         ]
         pending += [(d.event_id, d.channel_index) for d in unfinished if d.status in ("pending", "retrying")]
         for event_id, index in pending:
-            await self.jobs.enqueue(
-                DELIVERY_QUEUE, DELIVER_JOB, str(event_id), index, job_id=delivery_job_id(event_id, index)
-            )
+            await enqueue_delivery(self.jobs, event_id, index)
         if new:
             try:
                 await self.publisher.publish_many(ALERT_EVENTS_STREAM, [payloads[e] for e in new])

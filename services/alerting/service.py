@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.alerting import repository
-from services.alerting.channels.mail import read_unsubscribe_token
+from services.alerting.channels.mail import read_unsubscribe_token, recipient_key, token_target
 from services.alerting.schemas import PCT_CONDITIONS, AlertPatch, PctChangeAlertIn, PriceAlertIn, SpreadAlertIn
 from services.alerting.ssrf import private_target
 from services.gateway.activity import USER_ACTIVITY_STREAM, ActivityMessage
@@ -305,16 +305,21 @@ class AlertService:
 
     async def unsubscribe(self, token: str, client: str | None) -> dict[str, Any]:
         """The email link's action: that alert's email channel stops (no sign-in; the token is the proof)."""
-        found = read_unsubscribe_token(self.settings.purpose_key(UNSUBSCRIBE_PURPOSE), token)
-        if found is None:
-            raise ValidationFailed("this unsubscribe link is not valid: it was altered or cut short")
-        alert_id, index = found
+        invalid = "this unsubscribe link is not valid: it was altered or cut short"
+        claimed = token_target(token)
+        if claimed is None:
+            raise ValidationFailed(invalid)
+        alert_id, index = claimed
         now = datetime.now(UTC)
         async with transaction(self.sessions) as session:
             alert = await repository.alert_by_id(session, alert_id, lock=True)
             channel = alert.channels[index] if alert is not None and index < len(alert.channels) else None
             if alert is None or channel is None or channel.get("type") != "email":
                 raise NotFound("this alert or its email channel no longer exists: nothing more will be sent")
+            # Signed for the address it was sent to: an old link can't stop mail to a new address.
+            key = recipient_key(self.settings.purpose_key(UNSUBSCRIBE_PURPOSE), str(channel.get("to", "")))
+            if read_unsubscribe_token(key, token) != claimed:
+                raise ValidationFailed(invalid)
             already = bool(channel.get("disabled"))
             if not already:
                 await repository.disable_channel(session, alert_id, index, "unsubscribed by the recipient")

@@ -51,6 +51,8 @@ def _range_name(address: IpAddress) -> str | None:
         return "loopback"
     if address.is_link_local:
         return "link-local"
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "site-local (fec0::/10)"
     if address.is_multicast:
         return "multicast"
     if isinstance(address, ipaddress.IPv4Address) and address in SHARED_ADDRESS_SPACE:

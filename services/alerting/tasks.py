@@ -20,7 +20,7 @@ from arq.worker import func
 
 from services.alerting import repository
 from services.alerting.delivery import DeliveryService
-from services.alerting.evaluation import DELIVER_JOB, DELIVERY_QUEUE, delivery_job_id
+from services.alerting.evaluation import DELIVER_JOB, DELIVERY_QUEUE, enqueue_delivery
 from services.alerting.service import AlertService
 from shared.jobs import JobQueue
 from shared.settings import Settings
@@ -49,9 +49,7 @@ async def sweep_deliveries(ctx: dict[str, Any]) -> dict[str, int]:
         stalled = await repository.unfinished_deliveries(session, now - SWEEP_UNTOUCHED, now, SWEEP_BATCH)
     queued = 0
     for event_id, index, _next_at in stalled:
-        queued += await jobs.enqueue(
-            DELIVERY_QUEUE, DELIVER_JOB, str(event_id), index, job_id=delivery_job_id(event_id, index)
-        )
+        queued += await enqueue_delivery(jobs, event_id, index)
     if queued:
         log.warning(
             "alert_deliveries_requeued", count=queued, examined=len(stalled), queue=settings.key("arq", DELIVERY_QUEUE)

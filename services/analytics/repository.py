@@ -8,16 +8,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import Comparison
 
 
-async def add_comparison(session: AsyncSession, **values: Any) -> Comparison:
-    comparison = Comparison(**values)
-    session.add(comparison)
-    await session.flush()
-    return comparison
+async def add_comparison_once(session: AsyncSession, **values: Any) -> Comparison | None:
+    """Inserts the comparison; None when the user already has one of that name (the unique index decides,
+    so two concurrent requests can't both pass)."""
+    inserted = await session.execute(
+        pg_insert(Comparison).values(**values).on_conflict_do_nothing().returning(Comparison.id)
+    )
+    if inserted.first() is None:
+        return None
+    return await session.get(Comparison, values["id"])
 
 
 async def user_comparisons(session: AsyncSession, user_id: uuid.UUID) -> Sequence[Comparison]:

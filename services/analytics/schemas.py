@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.timeparse import EARLIEST, LATEST
 from shared.validation import SYMBOL_PATTERN, parse_symbols
 
 Interval = Literal["1m", "5m", "15m", "1h", "4h", "1d", "auto"]
@@ -112,8 +113,12 @@ class ComparisonIn(BaseModel):
     @field_validator("start", "end")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             raise ValueError("give a time zone (Z for UTC)")
+        if not EARLIEST <= value <= LATEST:
+            raise ValueError(f"between {EARLIEST.date()} and {LATEST.date()}")
         return value
 
 

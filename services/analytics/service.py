@@ -137,8 +137,15 @@ class AnalyticsService:
                 f"unknown currency: {vs} (prices are published in {known})", details={"unknown": [vs]}
             )
 
-    async def _read(self, symbols: Sequence[str], vs: str, window: Window) -> dict[str, pd.DataFrame]:
+    async def _read(
+        self, symbols: Sequence[str], vs: str, window: Window, *, optional: Sequence[str] = ()
+    ) -> dict[str, pd.DataFrame]:
+        """Every coin's candles in one query; an untracked coin is a 404, except those in ``optional``, which
+        are left out instead."""
         async with self.sessions() as session:
+            if optional:
+                tracked = set(await active_coins(session))
+                symbols = [s for s in symbols if s not in optional or s in tracked]
             await self._check_market(session, symbols, vs)
             rows = await read_candle_floats(session, symbols, vs, window.interval, window.lo, window.hi)
         return _frames(rows, symbols)
@@ -213,14 +220,19 @@ class AnalyticsService:
             raise ValidationFailed("risk_free_rate: an annual rate as a fraction, between -1 and 1 (0.04 is 4%)")
         return {
             "what": "compare", "symbols": list(symbols), "vs": vs, **window.describe(),
-            "benchmark": benchmark or "BTC", "risk_free_rate": risk_free_rate,
+            "benchmark": benchmark or "BTC", "benchmark_given": benchmark is not None,
+            "risk_free_rate": risk_free_rate,
         }  # fmt: skip
 
     async def _compare_result(self, request: dict[str, Any], window: Window) -> dict[str, Any]:
         symbols, benchmark = request["symbols"], request["benchmark"]
-        # The benchmark is read in the same query even when it is not one of the coins compared.
+        # The benchmark is read in the same query even when it is not one of the coins compared. The default
+        # (BTC) is left out where BTC isn't tracked: each beta is then null, with the reason.
         extra = [] if benchmark in symbols else [benchmark]
-        frames = await self._read([*symbols, *extra], request["vs"], window)
+        optional = not request.get("benchmark_given")
+        frames = await self._read([*symbols, *extra], request["vs"], window, optional=extra if optional else [])
+        if extra and extra[0] not in frames:
+            extra = []
         result = stats.compare(
             {s: frames[s] for s in symbols},
             window.index(),
@@ -403,7 +415,7 @@ class AnalyticsService:
                 )
             if await repository.name_taken(session, owner, body["name"]):
                 raise Conflict(f"you already have a comparison named {body['name']!r}")
-            saved = await repository.add_comparison(
+            saved = await repository.add_comparison_once(
                 session,
                 id=uuid.uuid4(),
                 user_id=owner,
@@ -418,6 +430,8 @@ class AnalyticsService:
                 risk_free_rate=Decimal(str(risk_free_rate)),
                 created_at=datetime.now(UTC),
             )
+            if saved is None:  # the same name saved by a concurrent request since the check above
+                raise Conflict(f"you already have a comparison named {body['name']!r}")
         return _comparison_body(saved)
 
     async def list_comparisons(self, user_id: str) -> dict[str, Any]:
@@ -470,16 +484,20 @@ def _comparison_body(saved: Any) -> dict[str, Any]:
 STATIC = Path(__file__).parent / "static"
 
 
-@functools.cache
+ASSETS = ("plotly.min.js", charts.RENDERER_FILE)
+
+
 def chart_asset(name: str) -> tuple[bytes, str, str] | None:
-    """(body, media type, ETag) of a script the chart pages load: Plotly from the installed package, or one of
-    ours from services/analytics/static/."""
+    """(body, media type, ETag) of a script the chart pages load: Plotly from the installed package, or our
+    renderer from services/analytics/static/. Any other name is None (and nothing is kept for it)."""
+    return _asset(name) if name in ASSETS else None
+
+
+@functools.cache
+def _asset(name: str) -> tuple[bytes, str, str]:
     if name == "plotly.min.js":
         return charts.plotly_js(), "text/javascript; charset=utf-8", charts.plotly_js_etag()
-    path = STATIC / name
-    if "/" in name or name.startswith(".") or not path.is_file():
-        return None
-    body = path.read_bytes()
+    body = (STATIC / name).read_bytes()
     media_type = "text/javascript; charset=utf-8" if name.endswith(".js") else "text/css; charset=utf-8"
     return body, media_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 

@@ -46,6 +46,13 @@ def render_alert_email(event: dict[str, Any], *, unsubscribe_url: str, alert_url
     return subject, text, html
 
 
+def render_unsubscribe_page(*, title: str, message: str, action: str | None = None) -> str:
+    """The page behind an email's unsubscribe link: with ``action``, a confirmation whose button POSTs there
+    (a mail scanner that opens every link must not unsubscribe anyone); without it, the outcome."""
+    template = _templates().get_template("unsubscribe.html")
+    return template.render(title=title, message=message, confirm=action is not None, action=action or "")
+
+
 def unsubscribe_headers(unsubscribe_url: str) -> dict[str, str]:
     # RFC 8058: mail clients POST "List-Unsubscribe=One-Click" to the URL, with no page in between.
     return {"List-Unsubscribe": f"<{unsubscribe_url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
@@ -106,6 +113,22 @@ def unsubscribe_token(key: bytes, alert_id: uuid.UUID, channel_index: int) -> st
         raise ValueError(f"channel index must be within 0..{MAX_CHANNEL_INDEX}")
     payload = _token_payload(alert_id, channel_index)
     return f"{payload}.{hmac_sign.sign(key, TOKEN_PURPOSE + payload.encode())}"
+
+
+def recipient_key(key: bytes, address: str) -> bytes:
+    """The key a link for one address is signed with: a link made for alice@ no longer works once the
+    channel at that position sends to bob@."""
+    return hmac_sign.derive_key(key, "unsubscribe-to:" + address.strip().lower())
+
+
+def token_target(token: str) -> tuple[uuid.UUID, int] | None:
+    """The (alert id, channel index) a token claims, NOT verified: only to find the key to verify it with."""
+    if not isinstance(token, str) or len(token) > 128:
+        return None
+    match = TOKEN_PATTERN.fullmatch(token)
+    if match is None:
+        return None
+    return uuid.UUID(hex=match.group(1)), int(match.group(2))
 
 
 def read_unsubscribe_token(key: bytes, token: str) -> tuple[uuid.UUID, int] | None:
