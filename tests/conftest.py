@@ -265,3 +265,15 @@ async def eventually(check: Any, *, timeout: float = 15.0, interval: float = 0.1
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
         await asyncio.sleep(interval)
+
+
+pytest_plugins = ["tests.browser"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Each phase's report on the test item, so fixtures can tell at teardown whether the test failed (the
+    # browser fixture then keeps a screenshot of every page).
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)

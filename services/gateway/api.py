@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
@@ -69,18 +69,6 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(await _upstreams(request).merged_spec(own))
 
 
-@router.get("/", include_in_schema=False)
-async def home() -> HTMLResponse:
-    """Where a browser pointed at the gateway lands: what is here and where to start (no external assets)."""
-    return HTMLResponse(HOME_PAGE)
-
-
-@router.get("/reset-password", include_in_schema=False)
-async def reset_password_page() -> HTMLResponse:
-    """Where the emailed reset link lands; the token stays in the URL fragment, so no server log sees it."""
-    return HTMLResponse(RESET_PAGE, headers={"Cache-Control": "no-store"})
-
-
 async def forward(request: Request) -> Response:
     path: str = request.path_params["path"]
     allowed = _own_methods(request)
@@ -121,46 +109,3 @@ FORWARD_ROUTE = Route(
     methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
     include_in_schema=False,
 )
-
-
-RESET_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Reset your Coinlytics password</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body style="font-family: sans-serif; max-width: 28rem; margin: 3rem auto">
-<h1>Choose a new password</h1>
-<form id="f"><label>New password <input id="p" type="password" minlength="10" maxlength="256" required
- autocomplete="new-password"></label> <button>Save</button></form>
-<p id="m" role="status"></p>
-<script>
-const token = new URLSearchParams(location.hash.slice(1)).get("token");
-history.replaceState(null, "", location.pathname);
-document.getElementById("f").addEventListener("submit", async (e) => {
-  e.preventDefault();
-  const r = await fetch("/api/v1/auth/password-reset/confirm", {method: "POST",
-    headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({token, new_password: document.getElementById("p").value})});
-  document.getElementById("m").textContent = r.status === 204
-    ? "Done: sign in with your new password." : (await r.json()).error.message;
-});
-</script></body></html>
-"""
-
-
-HOME_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Coinlytics</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body style="font-family: sans-serif; max-width: 40rem; margin: 3rem auto; line-height: 1.5">
-<h1>Coinlytics</h1>
-<p>Self-hosted, real-time crypto market data: prices consolidated from many exchanges, conversions between any
-crypto and fiat currency, history.</p>
-<ul>
-<li><a href="/docs">API explorer</a> (Swagger UI: try every endpoint, sign in with <em>Authorize</em>)</li>
-<li><a href="/redoc">API reference</a> (ReDoc)</li>
-<li><a href="/api/v1/status">Platform status</a>: each service and each source</li>
-<li><a href="/api/v1/prices?symbols=BTC,ETH&amp;vs=USD,EUR">Prices of BTC and ETH</a>,
-<a href="/api/v1/coins?vs=USD">tracked coins</a>,
-<a href="/api/v1/convert?from=BTC&amp;to=EUR&amp;amount=1">1 BTC in EUR</a></li>
-</ul>
-<p>The live dashboard arrives here in a later release.</p>
-</body></html>
-"""

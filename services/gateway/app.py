@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from services.gateway import security
 from services.gateway.api import FORWARD_ROUTE, own_routes, router
@@ -18,6 +19,10 @@ from services.gateway.live.api import router as live_router
 from services.gateway.live.service import LiveHub
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.service import Upstreams
+from services.gateway.web.api import router as web_router
+from services.gateway.web.api import session_router as web_session_router
+from services.gateway.web.service import STATIC as WEB_STATIC
+from services.gateway.web.service import WebService
 from shared.auth import Authenticator, Denylist, build_verifier
 from shared.docs import install_docs
 from shared.jobs import supervise_worker
@@ -34,6 +39,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.authenticator = Authenticator(verifier, denylist)
         app.state.limiter = SlidingWindowLimiter(resources.redis, settings.key("ratelimit"))
         app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
+        app.state.web = WebService(settings, app.state.auth)
         app.state.upstreams = Upstreams(settings)
         hub = LiveHub(
             settings, resources.redis, resources.sessions, app.state.authenticator, app.state.limiter, app.state.auth,
@@ -62,13 +68,15 @@ def create_app(settings: Settings) -> FastAPI:
         title="Coinlytics API",
         description="The public API of Coinlytics.",
         # The forwarding catch-all is appended after these, so it never shadows a documented route.
-        routers=[auth_router, router, live_router],
+        routers=[auth_router, router, live_router, web_session_router, web_router],
         lifespan=lifespan,
         serve_docs=False,
     )
     app.state.own_routes = own_routes(auth_router, router)
     # The merged spec is the gateway's own /openapi.json route (services/gateway/api.py).
     install_docs(app, openapi_url="/openapi.json", title="Coinlytics API")
+    # The dashboard's stylesheet, scripts and icon (services/gateway/web/static), from this origin only.
+    app.mount("/static", StaticFiles(directory=WEB_STATIC), name="web-static")
     app.router.routes.append(FORWARD_ROUTE)
     security.install(app, settings)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 
 from services.gateway.ratelimit import SlidingWindowLimiter
+from services.gateway.web.session import cookie_token
 from shared.auth import ANONYMOUS, Authenticator, Principal, bearer_token, oauth2_scheme
 from shared.errors import Forbidden, Unauthorized
 from shared.service_app import lifespan_state
@@ -31,7 +32,8 @@ async def resolve(request: Request) -> Principal:
     settings = _settings(request)
     authenticator = _authenticator(request)
     limiter = _limiter(request)
-    token = bearer_token(request.headers.get("authorization"))
+    # A bearer token (API clients) or, without one, the dashboard's session cookie (CSRF-checked).
+    token = bearer_token(request.headers.get("authorization")) or cookie_token(request)
     principal = await authenticator.authenticate(token) if token else ANONYMOUS
     if principal.user_id is not None:
         await limiter.enforce(

@@ -7,12 +7,13 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from services.gateway.web.session import ACCESS_COOKIE
 from shared.responses import dumps
 from shared.timeparse import iso_z
 from shared.validation import SYMBOL_RE
 
 # The dashboard's cookie holding an access token (the websocket API cannot set an Authorization header).
-COOKIE_NAME = "coinlytics_access"
+COOKIE_NAME = ACCESS_COOKIE
 # A browser offers ["bearer", "<access token>"]; the server accepts with "bearer" alone.
 SUBPROTOCOL = "bearer"
 

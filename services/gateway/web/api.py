@@ -1,0 +1,120 @@
+"""Routes of the web dashboard: the pages, the cookie session, and the pages' static files."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+
+from services.gateway.guard import guard_anonymous
+from services.gateway.web.service import WebService
+from shared.errors import error_responses
+from shared.service_app import lifespan_state
+from shared.validation import SYMBOL_PATTERN, normalise_email
+
+router = APIRouter(include_in_schema=False)
+session_router = APIRouter(tags=["dashboard session"])
+
+Web = Annotated[WebService, Depends(lifespan_state("web", WebService))]
+
+
+class SignIn(BaseModel):
+    email: str = Field(max_length=320)
+    password: str = Field(max_length=1024)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def markets(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "markets.html", title="Markets")
+
+
+@router.get("/coins/{symbol}", response_class=HTMLResponse)
+async def coin(request: Request, web: Web, symbol: Annotated[str, Path(pattern=SYMBOL_PATTERN)]) -> HTMLResponse:
+    return await web.page(request, "coin.html", title=symbol.upper(), symbol=symbol.upper())
+
+
+@router.get("/compare", response_class=HTMLResponse)
+async def compare(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "compare.html", title="Compare")
+
+
+@router.get("/convert", response_class=HTMLResponse)
+async def convert(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "convert.html", title="Convert")
+
+
+@router.get("/alerts", response_class=HTMLResponse)
+async def alerts(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "alerts.html", title="Alerts")
+
+
+@router.get("/account", response_class=HTMLResponse)
+async def account(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "account.html", title="Account")
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "login.html", title="Sign in")
+
+
+@router.get("/register", response_class=HTMLResponse)
+async def register(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "register.html", title="Create an account")
+
+
+@router.get("/reset-password", response_class=HTMLResponse)
+async def reset_password(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "reset.html", title="Reset your password")
+
+
+@router.get("/admin", response_class=HTMLResponse)
+async def admin(request: Request, web: Web) -> HTMLResponse:
+    return await web.page(request, "admin.html", title="Administration")
+
+
+@session_router.post(
+    "/web/session",
+    summary="Dashboard sign-in: sets the session cookies",
+    description="Body `{email, password}`. The tokens go into HttpOnly cookies, never into the page; the "
+    "answer says when the access token expires. API clients use `POST /api/v1/auth/login` instead.",
+    responses=error_responses(401, 422, 429),
+    dependencies=[Depends(guard_anonymous)],
+)
+async def sign_in(request: Request, response: Response, web: Web, body: SignIn) -> dict[str, object]:
+    try:
+        email = normalise_email(body.email)
+    except ValueError:
+        email = body.email.strip().lower()  # refused by the login like any unknown address
+    return await web.sign_in(request, response, email, body.password)
+
+
+@session_router.get(
+    "/web/session", summary="Who the dashboard session belongs to", responses=error_responses(401, 429)
+)
+async def session_state(request: Request, web: Web) -> dict[str, object]:
+    return await web.state(request)
+
+
+@session_router.post(
+    "/web/session/refresh",
+    summary="Renew the dashboard session's tokens (the page does it before the access token expires)",
+    responses=error_responses(401, 403, 429),
+    dependencies=[Depends(guard_anonymous)],
+)
+async def refresh(request: Request, response: Response, web: Web) -> dict[str, object]:
+    return await web.refresh(request, response)
+
+
+@session_router.delete(
+    "/web/session",
+    status_code=204,
+    summary="Dashboard sign-out: revokes the tokens and clears the cookies",
+    responses=error_responses(403, 429),
+)
+async def sign_out(request: Request, web: Web) -> Response:
+    response = Response(status_code=204)
+    await web.sign_out(request, response)
+    return response
