@@ -35,7 +35,7 @@ demo: $(STAMP)
 	@COINLYTICS_SOURCES=sim COINLYTICS_DATA_DIR=$${COINLYTICS_DATA_DIR:-./.coinlytics-demo} $(VENV)/bin/coinlytics run
 
 test: $(STAMP)
-	@$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	@$(PY) -m pytest -n $(TEST_WORKERS) --basetemp=.pytest-tmp $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check coinlytics shared services tests bench
@@ -50,10 +50,10 @@ bench: $(STAMP)
 	@$(PY) -m bench
 
 reliability: $(STAMP)
-	@$(PY) -m pytest -m reliability -p no:randomly $(PYTEST_ARGS)
+	@$(PY) -m pytest -m reliability -p no:randomly --basetemp=.pytest-tmp-reliability $(PYTEST_ARGS)
 
 postman: $(STAMP)
 	@$(PY) -m services.gateway.postman
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .pytest-tmp .pytest-tmp-reliability .mypy_cache .ruff_cache *.egg-info
