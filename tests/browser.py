@@ -9,7 +9,9 @@ Use::
         await page.goto(web_platform.gateway + "/")
         ...
 
-``web_platform`` takes settings overrides through ``@pytest.mark.platform(webhook_allow_private=True, ...)``.
+``web_platform`` takes settings overrides through ``@pytest.mark.platform(webhook_allow_private=True, ...)``,
+or from a ``platform_overrides`` fixture of the test module (``expect_prices_for=[...]`` names the coins it
+waits to see priced before the test starts; by default the sim's three).
 """
 
 from __future__ import annotations
@@ -93,6 +95,11 @@ class WebPlatform:
 async def web_platform(request, settings, db) -> AsyncIterator[WebPlatform]:
     marker = request.node.get_closest_marker("platform")
     overrides: dict[str, Any] = dict(marker.kwargs) if marker else {}
+    # A test module may define a `platform_overrides` fixture for values known only at run time (a replay
+    # server's URL).
+    if "platform_overrides" in request.fixturenames:
+        overrides.update(request.getfixturevalue("platform_overrides"))
+    coins = overrides.pop("expect_prices_for", COINS)
     await db.executemany("INSERT INTO coins (symbol, name, active) VALUES ($1, $2, true)",
                          [("BTC", "Bitcoin"), ("ETH", "Ethereum"), ("SOL", "Solana")])  # fmt: skip
     common = settings.model_copy(
@@ -120,8 +127,8 @@ async def web_platform(request, settings, db) -> AsyncIterator[WebPlatform]:
 
         async def priced() -> bool:
             async with httpx.AsyncClient(base_url=gateway, timeout=10) as client:
-                response = await client.get("/api/v1/prices", params={"symbols": ",".join(COINS), "vs": "USD"})
-                return response.status_code == 200 and all(c in response.json() for c in COINS)
+                response = await client.get("/api/v1/prices", params={"symbols": ",".join(coins), "vs": "USD"})
+                return response.status_code == 200 and all(c in response.json() for c in coins)
 
         await eventually(priced, timeout=30)
         yield platform

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.accounts import PASSWORD
+from tests.replay import serve_binance
 
 
 async def _cookie_session(client: httpx.AsyncClient, email: str) -> httpx.Response:
@@ -136,4 +137,30 @@ async def test_pages_work_without_a_session_and_request_nothing_outside(web_plat
     assert response is not None and response.status == 200
     await page.wait_for_load_state("networkidle")
     assert await page.locator("main h1").count() == 1
+    assert not browser.outside_requests(), browser.outside_requests()
+
+
+@pytest.fixture
+def platform_overrides(replay, exchange_fixtures) -> dict[str, object]:
+    """Ingest polls Binance's recorded REST payloads (tests/replay.py) instead of the simulator."""
+    serve_binance(replay, exchange_fixtures)
+    return {
+        "sources": ["binance"],
+        "source_urls": {"binance_rest_url": replay.base_url},
+        "min_fresh_sources": 1,
+        "max_clock_skew_seconds": 0,
+        "expect_prices_for": ["BTC", "ETH"],
+    }
+
+
+async def test_markets_show_prices_from_replayed_exchange_traffic(platform_overrides, web_platform, browser):
+    async with httpx.AsyncClient(base_url=web_platform.gateway, timeout=20) as client:
+        expected = (await client.get("/api/v1/prices", params={"symbols": "BTC", "vs": "USD"})).json()["BTC"]["USD"]
+    page = await browser.page()
+    await page.goto(web_platform.gateway + "/")
+    row = page.locator("[data-markets] tbody tr[data-symbol='BTC']")
+    await row.wait_for()
+    shown = (await row.locator("[data-price]").inner_text()).replace(",", "").split()[0].lstrip("▲▼ ")
+    # The recorded Binance ticker's price, as consolidated, to the cents the table shows.
+    assert abs(float(shown) - float(expected["price"])) < 0.01, (shown, expected)
     assert not browser.outside_requests(), browser.outside_requests()
