@@ -190,7 +190,7 @@ if (params.get("welcome")) {
   document.querySelector("[data-welcome]").hidden = false;
   // Welcomed once: a reload shows the plain page.
   params.delete("welcome");
-  history.replaceState(null, "", location.pathname + (params.size ? `?${params}` : "") + location.hash);
+  history.replaceState(null, "", location.pathname + (params.toString() ? `?${params}` : "") + location.hash);
 }
 
 loadProfile();

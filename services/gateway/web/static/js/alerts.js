@@ -529,9 +529,9 @@ function renderEvents(item, events) {
     if (!event.deliveries.length) deliveries.append(el("li", {}, "no channel to deliver to"));
     body.append(el("tr", { dataset: { eventId: event.id } },
       el("td", {}, when(event.created_at)),
-      el("td", { className: "num" }, `${event.price} ${alert?.vs ?? ""}`.trim()),
+      el("td", { className: "num" }, formatNumber(event.price, { currency: alert?.vs })),
       el("td", { className: "num" }, event.value === null || event.value === undefined ? "–"
-        : pct ? `${event.value}%` : `${event.value} ${alert?.vs ?? ""}`.trim()),
+        : pct ? `${formatNumber(event.value, { digits: 4 })}%` : formatNumber(event.value, { currency: alert?.vs })),
       el("td", {}, deliveries)));
   }
   table.append(body);

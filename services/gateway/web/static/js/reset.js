@@ -113,9 +113,19 @@ invalid.querySelector("[data-action='ask-again']").addEventListener("click", () 
   requestForm.elements.email.focus();
 });
 
-if (token) {
-  show(confirmSection);
-  confirmForm.elements.new_password.focus();
-} else {
-  requestSection.hidden = false;
+function start() {
+  if (token) {
+    show(confirmSection);
+    confirmForm.elements.new_password.focus();
+  } else {
+    requestSection.hidden = false;
+  }
 }
+
+// The link pasted into a tab already on this page changes only the fragment: no new page load.
+window.addEventListener("hashchange", () => {
+  const fresh = takeToken();
+  if (fresh) { token = fresh; clearErrors(confirmForm); start(); }
+});
+
+start();
