@@ -109,6 +109,17 @@ export function showErrors(form, error) {
       }
     }
   }
+  // Our own messages name their field first ("amount: must be positive", "channels.0.url: ...").
+  const named = !placed && typeof error.message === "string" ? error.message.match(/^([A-Za-z_][\w.]*): (.+)$/s) : null;
+  if (named) {
+    const slot = form.querySelector(`[data-field-error="${CSS.escape(named[1])}"]`)
+      ?? form.querySelector(`[data-field-error="${CSS.escape(named[1].split(".")[0])}"]`);
+    if (slot) {
+      slot.textContent = named[2];
+      form.querySelector(`[name="${CSS.escape(named[1].split(".")[0])}"]`)?.setAttribute("aria-invalid", "true");
+      placed = true;
+    }
+  }
   if (general) general.textContent = placed ? "" : error.message;
 }
 

@@ -215,6 +215,30 @@ function statsRow(coin) {
   return row;
 }
 
+const FIELD_NAMES = {
+  total_return_pct: "return",
+  annualised_volatility_pct: "volatility",
+  max_drawdown: "max drawdown",
+  "max_drawdown.pct": "max drawdown",
+  sharpe: "Sharpe",
+  beta: "beta",
+};
+
+// The reasons behind the dashes, in words under the table (a title alone reaches neither keyboards nor touch).
+function nullReasons(coin) {
+  const byReason = new Map();
+  for (const [field, reason] of Object.entries(coin.nulls ?? {})) {
+    const label = FIELD_NAMES[field];
+    if (!label) continue;
+    const fields = byReason.get(reason) ?? new Set();
+    fields.add(label);
+    byReason.set(reason, fields);
+  }
+  if (!byReason.size) return [];
+  const text = [...byReason].map(([reason, fields]) => `${[...fields].join(", ")}: ${reason}`).join("; ");
+  return [Object.assign(document.createElement("li"), { textContent: `${coin.symbol}: ${text}` })];
+}
+
 function correlationTable(correlation) {
   const holder = results.querySelector("[data-correlation-table]");
   const symbols = correlation?.symbols ?? [];
@@ -233,9 +257,8 @@ function correlationTable(correlation) {
       }));
     return row;
   });
-  table.append(Object.assign(document.createElement("thead")), Object.assign(document.createElement("tbody")));
-  table.tHead.append(head);
-  table.tBodies[0].append(...rows);
+  table.createTHead().append(head);
+  table.createTBody().append(...rows);
   holder.replaceChildren(table);
 }
 
@@ -243,10 +266,11 @@ function showStats(result) {
   const beta = results.querySelector("[data-beta-head]");
   beta.textContent = result.benchmark ? `Beta (vs ${result.benchmark})` : "Beta";
   statsBody.replaceChildren(...(result.coins ?? []).map(statsRow));
+  results.querySelector("[data-null-reasons]").replaceChildren(...(result.coins ?? []).flatMap(nullReasons));
   const range = `${when(result.start)} to ${when(result.end)}, ${result.interval} candles, prices in ${result.vs}`;
   results.querySelector("[data-stats-note]").textContent = `${range}. Returns and drawdowns in percent; `
     + `Sharpe over a risk-free rate of ${(Number(result.risk_free_rate) * 100).toFixed(2)}% a year. `
-    + "A dash means the value can't be computed; hover or focus it for the reason.";
+    + "A dash means the value can't be computed; the reasons are listed below.";
   correlationTable(result.correlation);
 }
 
@@ -401,6 +425,7 @@ savedList?.addEventListener("click", async (event) => {
 saveForm?.addEventListener("submit", async (event) => {
   event.preventDefault();
   clearErrors(form, saveForm);
+  savedState.textContent = saved.length ? `${saved.length} saved.` : "Nothing saved yet.";
   const button = saveForm.querySelector("button[type=submit]");
   const name = saveForm.querySelector("[name=name]").value;
   const body = { name, symbols: chosen(), vs: vsSelect.value };

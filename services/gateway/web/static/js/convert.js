@@ -166,7 +166,9 @@ function formatTime(value) {
   if (!value) return "–";
   const moment = new Date(value);
   return Number.isNaN(moment.getTime()) ? String(value)
-    : `${moment.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" })} (${value})`;
+    : moment.toLocaleString(undefined, {
+      year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", timeZoneName: "short",
+    });
 }
 
 function show(answer) {

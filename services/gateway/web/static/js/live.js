@@ -25,6 +25,7 @@ function connect() {
     status("idle");
     return;
   }
+  status(opened ? "reconnecting…" : "connecting…");
   socket = new WebSocket(`${scheme}://${location.host}/api/v1/ws?${query}`);
   socket.addEventListener("open", () => { attempts = 0; opened = true; status("on"); });
   socket.addEventListener("message", (event) => {
