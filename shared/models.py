@@ -135,6 +135,20 @@ class ErrorLog(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
 
 
+class SourceSetting(Base):
+    """An administrator's runtime switch of one source (``PATCH /api/v1/admin/sources/{name}``). A source
+    without a row runs when COINLYTICS_SOURCES names it; the row keeps a switched-off source off across
+    restarts. Written by: ingest."""
+
+    __tablename__ = "source_settings"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    # The administrator's subject (a local user id, or an external issuer's subject).
+    changed_by: Mapped[str | None] = mapped_column(String(255))
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 # --- Market data (issue: market data) -----------------------------------------------------------
 
 

@@ -30,7 +30,8 @@ class SourceState(StrEnum):
     - ``rate_limited``: the source answered 429 (or its equivalent); waiting at least its Retry-After.
     - ``banned``: HTTP 418, an IP ban; a longer backoff.
     - ``publish_failed``: the source delivered but Redis refused the ticks; they are held and retried.
-    - ``disabled``: named in COINLYTICS_SOURCES but not run (``last_error`` says why).
+    - ``disabled``: named in COINLYTICS_SOURCES but not run (``last_error`` says why), or switched off by an
+      administrator at runtime (``enabled: false``).
     - ``scheduled``: a scheduled job (CoinGecko) waiting for its first run.
     - ``backing_off``: a scheduled job starting inside the backoff a failure set before the restart.
     - ``error``: the ECB job's last fetch failed; its stored rates stay in use.

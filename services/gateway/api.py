@@ -53,6 +53,7 @@ async def status(request: Request) -> StatusOut:
             "state": s.get("state"),
             "last_message_at": s.get("last_message_at"),
             "last_error": s.get("last_error"),
+            "enabled": s.get("enabled", True),
         }
         for s in sources
     }

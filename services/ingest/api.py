@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 
-from services.ingest.schemas import ErrorEntryOut, ErrorsOut, SourceHealthOut, SourcesOut
+from services.ingest.schemas import ErrorEntryOut, ErrorsOut, SourceHealthOut, SourcePatch, SourcesOut
 from services.ingest.service import IngestService
-from shared.auth import require_admin
+from shared.auth import Principal, require_admin
 from shared.errors import error_responses
 from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
@@ -28,6 +28,25 @@ Ingest = Annotated[IngestService, Depends(lifespan_state("ingest", IngestService
 )
 async def list_sources(service: Ingest) -> SourcesOut:
     return SourcesOut(sources=[SourceHealthOut(**h) for h in await service.health()])
+
+
+@router.patch(
+    "/api/v1/admin/sources/{name}",
+    response_model=SourceHealthOut,
+    summary="Switch a source off or on at runtime",
+    description='Body `{"enabled": false}` stops the source\'s loop at once (no restart), and the choice holds '
+    'across restarts; `{"enabled": true}` starts it again. The answer comes once the loop has stopped or started. '
+    "404 for a source ingest does not run; 409 for a scheduled job or a source its configuration keeps from "
+    'starting.\n\nExample: `PATCH /api/v1/admin/sources/binance` with `{"enabled": false}`',
+    responses=error_responses(401, 403, 404, 409, 422, 503),
+)
+async def patch_source(
+    service: Ingest,
+    body: SourcePatch,
+    admin: Annotated[Principal, Depends(require_admin)],
+    name: str = Path(max_length=50, examples=["binance"]),
+) -> SourceHealthOut:
+    return SourceHealthOut(**await service.set_enabled(name, body.enabled, changed_by=admin.user_id))
 
 
 @router.get(

@@ -8,10 +8,11 @@ from typing import Any
 
 import structlog
 from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import delete_older_than, transaction
-from shared.models import ErrorLog
+from shared.models import ErrorLog, SourceSetting
 
 log = structlog.get_logger("ingest")
 
@@ -74,3 +75,24 @@ async def log_source_error(sessions: async_sessionmaker[AsyncSession], *, source
 async def delete_errors_before(session: AsyncSession, cutoff: datetime, batch: int) -> int:
     """The error log is written by ingest and conversion alike; its retention lives here, with its writer."""
     return await delete_older_than(session, "error_log", "created_at", cutoff, batch)
+
+
+async def source_settings(session: AsyncSession) -> dict[str, SourceSetting]:
+    """Every administrator's switch by source name (a source without one runs)."""
+    return {row.name: row for row in (await session.scalars(select(SourceSetting))).all()}
+
+
+async def set_source_enabled(
+    session: AsyncSession, name: str, *, enabled: bool, changed_by: str | None, at: datetime
+) -> SourceSetting:
+    statement = (
+        insert(SourceSetting)
+        .values(name=name, enabled=enabled, changed_by=changed_by, changed_at=at)
+        .on_conflict_do_update(
+            index_elements=[SourceSetting.name],
+            set_={"enabled": enabled, "changed_by": changed_by, "changed_at": at},
+        )
+        .returning(SourceSetting)
+    )
+    row: SourceSetting = (await session.scalars(statement)).one()
+    return row

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
@@ -180,3 +180,98 @@ class SourceRunner(Reporting):
         await self._record_error(kind, message)
         await self._store_health()
         return delay
+
+
+class Switchable(Protocol):
+    """What SourceSwitch needs of a runner (SourceRunner and WebsocketRunner alike)."""
+
+    health: SourceHealth
+    failures: int
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    async def _store_health(self) -> None: ...
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    waits = {asyncio.create_task(first.wait()), asyncio.create_task(second.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+class SourceSwitch:
+    """An administrator's on/off for one source, and the supervised task that obeys it: while on, the runner's
+    own loop; while off, the loop is stopped (its source closed) and the health says ``disabled``. Switching
+    takes effect at once, without a restart of the service or of the supervised task."""
+
+    def __init__(self, runner: Switchable, *, enabled: bool = True) -> None:
+        self.runner = runner
+        self.name = runner.health.name
+        self._on = asyncio.Event()
+        self._off = asyncio.Event()
+        # What the loop is doing now, for callers that wait until a switch has taken effect.
+        self.parked = asyncio.Event()
+        self.running = asyncio.Event()
+        self.changed_at: datetime | None = None
+        self.changed_by: str | None = None
+        self.set(enabled)
+
+    @property
+    def enabled(self) -> bool:
+        return self._on.is_set()
+
+    def set(self, enabled: bool, *, changed_at: datetime | None = None, changed_by: str | None = None) -> None:
+        (self._off if enabled else self._on).clear()
+        (self._on if enabled else self._off).set()
+        if changed_at is not None:
+            self.changed_at, self.changed_by = changed_at, changed_by
+
+    async def settled(self) -> None:
+        """Returns once the loop does what the switch says (stopped and parked, or started)."""
+        await (self.running if self.enabled else self.parked).wait()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        runner = self.runner
+        try:
+            while not stop.is_set():
+                if not self.enabled:
+                    await self._park()
+                    await _either(stop, self._on)
+                    continue
+                self.parked.clear()
+                # A fresh start: an outage from before it was switched off is no reason to wait now.
+                runner.failures = 0
+                runner.health.state = SourceState.STARTING
+                runner.health.backoff_seconds = 0.0
+                await runner._store_health()
+                halt = asyncio.Event()
+                relay = asyncio.create_task(self._halt_on(stop, halt))
+                self.running.set()
+                try:
+                    await runner.run(halt)
+                finally:
+                    self.running.clear()
+                    relay.cancel()
+                if not halt.is_set() and not stop.is_set():
+                    # Left to the supervisor, which logs it and restarts us with a backoff.
+                    raise RuntimeError(f"the {self.name} runner returned while it was switched on")
+        finally:
+            self.running.clear()
+            self.parked.clear()
+
+    async def _halt_on(self, stop: asyncio.Event, halt: asyncio.Event) -> None:
+        await _either(stop, self._off)
+        halt.set()
+
+    async def _park(self) -> None:
+        health = self.runner.health
+        health.state = SourceState.DISABLED
+        health.backoff_seconds = 0.0
+        # No rate from before it stopped: messages_per_second says 0 while nothing arrives.
+        health.rate_window.clear()
+        await self.runner._store_health()
+        log.info("source_parked", source=self.name, changed_by=self.changed_by)
+        self.parked.set()
