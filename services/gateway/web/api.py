@@ -91,9 +91,7 @@ async def sign_in(request: Request, response: Response, web: Web, body: SignIn) 
     return await web.sign_in(request, response, email, body.password)
 
 
-@session_router.get(
-    "/web/session", summary="Who the dashboard session belongs to", responses=error_responses(401, 429)
-)
+@session_router.get("/web/session", summary="Who the dashboard session belongs to", responses=error_responses(401, 429))
 async def session_state(request: Request, web: Web) -> dict[str, object]:
     return await web.state(request)
 
