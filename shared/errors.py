@@ -67,6 +67,11 @@ class Conflict(AppError):
     code = "conflict"
 
 
+class UnsupportedMediaType(AppError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class UpgradeRequired(AppError):
     status = 426
     code = "upgrade_required"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -169,8 +170,12 @@ async def test_password_reset_by_email_link(platform, smtp, db):
     # Follow the link: the page is served from the configured host, then the token confirms.
     async with httpx.AsyncClient() as browser:
         page = await browser.get(link.split("#")[0])
-    assert page.status_code == 200
-    assert "/api/v1/auth/password-reset/confirm" in page.text
+        assert page.status_code == 200
+        # The dashboard's reset page; its script confirms with the token from the fragment.
+        script = re.search(r'<script type="module" src="(/static/js/reset\.js)"', page.text)
+        assert script, page.text[:500]
+        code = await browser.get(link.split("/reset-password")[0] + script.group(1))
+    assert "/api/v1/auth/password-reset/confirm" in code.text
     confirm = await platform.post(
         "/api/v1/auth/password-reset/confirm", json={"token": token, "new_password": NEW_PASSWORD}
     )

@@ -149,8 +149,9 @@ async def test_an_alert_made_in_the_page_fires_notifies_and_shows_its_delivery(w
     # Paused again, so no new notification pops up over the buttons below; the shown ones are dismissed.
     await item.get_by_role("button", name=re.compile("^Pause")).click()
     await item.locator("[data-alert-status]").filter(has_text="paused").wait_for()
-    for shown in await page.locator("#notifications .toast").all():
-        await shown.get_by_role("button", name="Dismiss").click()
+    toasts = page.locator("#notifications .toast")
+    while await toasts.count():
+        await toasts.first.get_by_role("button", name="Dismiss").click()
     # Delete asks first; cancelling keeps the alert.
     await item.get_by_role("button", name=re.compile("^Delete")).click()
     await item.get_by_role("button", name="Cancel").click()

@@ -164,3 +164,30 @@ async def test_markets_show_prices_from_replayed_exchange_traffic(platform_overr
     # The recorded Binance ticker's price, as consolidated, to the cents the table shows.
     assert abs(float(shown) - float(expected["price"])) < 0.01, (shown, expected)
     assert not browser.outside_requests(), browser.outside_requests()
+
+
+async def test_sign_in_is_refused_from_another_origin_and_without_json(web_platform):
+    async with httpx.AsyncClient(base_url=web_platform.gateway, timeout=20) as client:
+        await client.post("/api/v1/auth/register", json={"email": "origin@example.com", "password": PASSWORD})
+        body = {"email": "origin@example.com", "password": PASSWORD}
+        foreign = await client.post("/web/session", json=body, headers={"Origin": "http://127.0.0.1:1"})
+        assert foreign.status_code == 403 and "coinlytics_access" not in client.cookies
+        cross_site = await client.post("/web/session", json=body, headers={"Sec-Fetch-Site": "same-site"})
+        assert cross_site.status_code == 403
+        untyped = await client.post("/web/session", content=b'{"email": "origin@example.com", "password": "x"}')
+        assert untyped.status_code in (415, 422) and "coinlytics_access" not in client.cookies
+        own = await client.post("/web/session", json=body, headers={"Origin": web_platform.gateway})
+        assert own.status_code == 200 and "coinlytics_access" in client.cookies
+
+
+@pytest.mark.parametrize("target", ["/%5Cevil.example", "/%09/evil.example", "//evil.example", "https://evil.example/"])
+async def test_the_page_after_sign_in_is_always_on_this_site(web_platform, browser, target):
+    await web_platform.register("next@example.com")
+    page = await browser.page()
+    await page.goto(f"{web_platform.gateway}/login?next={target}")
+    await page.get_by_label("Email").fill("next@example.com")
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.locator("body[data-signed-in='true']").wait_for()
+    assert page.url.startswith(web_platform.gateway + "/"), page.url
+    assert not browser.outside_requests(), browser.outside_requests()

@@ -80,7 +80,7 @@ async def admin(request: Request, web: Web) -> HTMLResponse:
     summary="Dashboard sign-in: sets the session cookies",
     description="Body `{email, password}`. The tokens go into HttpOnly cookies, never into the page; the "
     "answer says when the access token expires. API clients use `POST /api/v1/auth/login` instead.",
-    responses=error_responses(401, 422, 429),
+    responses=error_responses(401, 403, 415, 422, 429),
     dependencies=[Depends(guard_anonymous)],
 )
 async def sign_in(request: Request, response: Response, web: Web, body: SignIn) -> dict[str, object]:

@@ -19,6 +19,7 @@ from services.gateway.web.session import (
     CSRF_COOKIE,
     REFRESH_COOKIE,
     check_csrf,
+    check_same_origin,
     clear_session,
     secure_cookies,
     set_session,
@@ -92,6 +93,7 @@ class WebService:
     # --- the cookie session --------------------------------------------------------------------
 
     async def sign_in(self, request: Request, response: Response, email: str, password: str) -> dict[str, Any]:
+        check_same_origin(request, self.settings)
         tokens = await self.auth.login(email, password, client_address(request))
         return self._issue(request, response, tokens)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import Request, Response
 
-from shared.errors import Forbidden
+from shared.errors import Forbidden, UnsupportedMediaType
 from shared.settings import Settings
 
 ACCESS_COOKIE = "coinlytics_access"
@@ -89,3 +89,19 @@ def cookie_token(request: Request) -> str | None:
         return None
     check_csrf(request)
     return token
+
+
+def check_same_origin(request: Request, settings: Settings) -> None:
+    """Sign-in from this site's own pages only: it takes no CSRF token (there is no session yet), so a page of
+    another origin, even one on the same site (another port, a sibling host), must not be able to sign the
+    browser in to an account of its choosing."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        raise Forbidden("sign in from this site's own sign-in page")
+    origin = request.headers.get("origin")
+    if origin is not None:
+        own = {settings.public_url.rstrip("/"), f"{request.url.scheme}://{request.headers.get('host', '')}"}
+        if origin.rstrip("/") not in own:
+            raise Forbidden("sign in from this site's own sign-in page")
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        raise UnsupportedMediaType("send the sign-in as JSON (Content-Type: application/json)")

@@ -17,17 +17,32 @@ function csrfToken() {
 
 let refreshing = null;
 
+function expiresAt() {
+  const found = document.cookie.split("; ").find((part) => part.startsWith("coinlytics_expires="));
+  return found ? Number(found.slice("coinlytics_expires=".length)) : 0;
+}
+
+async function renew() {
+  // Across tabs too: two tabs presenting the same refresh token would look like a stolen one (the server
+  // then ends the whole sign-in). Inside the lock, a renewal another tab just made is simply taken up.
+  const run = async () => {
+    const before = expiresAt();
+    if (before - Date.now() / 1000 > 90) return { expires_in: before - Date.now() / 1000 };
+    const response = await fetch("/web/session/refresh", {
+      method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrfToken() },
+    });
+    return response.ok ? response.json() : null;
+  };
+  return navigator.locks ? navigator.locks.request("coinlytics-session-refresh", run) : run();
+}
+
 export async function refreshSession() {
   // One refresh at a time, however many requests found the token expired.
-  refreshing ??= fetch("/web/session/refresh", {
-    method: "POST",
-    credentials: "same-origin",
-    headers: { "X-CSRF-Token": csrfToken() },
-  }).then(async (response) => {
+  refreshing ??= renew().then((body) => {
     refreshing = null;
-    if (!response.ok) return null;
-    const body = await response.json();
+    if (!body) return null;
     scheduleRefresh(body.expires_in);
+    window.dispatchEvent(new CustomEvent("coinlytics:session-renewed"));
     return body;
   }, () => { refreshing = null; return null; });
   return refreshing;

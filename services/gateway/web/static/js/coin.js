@@ -326,8 +326,8 @@ function start() {
   const query = new URLSearchParams(location.search);
   const vs = query.get("vs")?.toUpperCase();
   if (vs && [...select.options].some((option) => option.value === vs)) select.value = vs;
-  if (RANGES[query.get("range")]) range = query.get("range");
-  if (KINDS[query.get("chart")]) kind = query.get("chart");
+  if (Object.hasOwn(RANGES, query.get("range") ?? "")) range = query.get("range");
+  if (Object.hasOwn(KINDS, query.get("chart") ?? "")) kind = query.get("chart");
   pressed(root.querySelector("[data-ranges]"), "range", range);
   pressed(root.querySelector("[data-kinds]"), "kind", kind);
   load();

@@ -3,8 +3,15 @@ import { ApiError, api, showErrors } from "./api.js";
 
 function nextPage() {
   const next = new URLSearchParams(location.search).get("next");
-  // Only a path on this site: never an open redirect.
-  return next && next.startsWith("/") && !next.startsWith("//") ? next : "/";
+  if (!next) return "/";
+  // Only a page of this site, never an open redirect: resolved the way the browser will ("/\\evil",
+  // "/\t/evil" and the like name other hosts), then kept only if it stays on this origin.
+  try {
+    const target = new URL(next, location.origin);
+    return target.origin === location.origin ? target.pathname + target.search + target.hash : "/";
+  } catch {
+    return "/";
+  }
 }
 
 async function signIn(email, password) {

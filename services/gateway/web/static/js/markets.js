@@ -99,20 +99,29 @@ async function sparklines(vs) {
   }));
 }
 
+let loadTicket = 0;
+
 async function load() {
   const vs = select.value;
+  // A newer load (another currency picked meanwhile) wins: an older answer arriving late is dropped.
+  const ticket = ++loadTicket;
+  const current = () => ticket === loadTicket;
   state.textContent = "Loading prices…";
   try {
-    coins = await api("/api/v1/coins", { query: { vs, per_page: 250 } });
+    const listed = await api("/api/v1/coins", { query: { vs, per_page: 250 } });
+    if (!current()) return;
+    coins = listed;
     if (coins.length) {
       const symbols = coins.map((c) => c.symbol);
       const table = await api("/api/v1/prices", { query: { symbols: symbols.join(","), vs } }).catch(() => null);
+      if (!current()) return;
       for (const coin of coins) {
         const entry = table?.prices?.[coin.symbol]?.[vs] ?? table?.[coin.symbol]?.[vs];
         if (entry) { coin.sources_used = entry.sources_used; coin.sources_total = entry.sources_total; }
       }
     }
   } catch (error) {
+    if (!current()) return;
     state.textContent = error instanceof ApiError ? `Prices are unavailable: ${error.message}` : "Prices are unavailable.";
     table.hidden = true;
     return;
@@ -129,7 +138,7 @@ async function load() {
   render();
   watch(coins.map((c) => c.symbol), vs);
   await sparklines(vs);
-  render();
+  if (current()) render();
 }
 
 onPrice((frame) => {
