@@ -191,3 +191,14 @@ async def test_the_page_after_sign_in_is_always_on_this_site(web_platform, brows
     await page.locator("body[data-signed-in='true']").wait_for()
     assert page.url.startswith(web_platform.gateway + "/"), page.url
     assert not browser.outside_requests(), browser.outside_requests()
+
+
+async def test_an_unknown_address_is_a_page_for_a_browser_and_the_error_shape_for_an_api_client(web_platform):
+    async with httpx.AsyncClient(base_url=web_platform.gateway, timeout=20) as client:
+        page = await client.get("/no/such/page", headers={"Accept": "text/html,application/xhtml+xml"})
+        assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+        assert "Page not found" in page.text and "/no/such/page" in page.text
+        api = await client.get("/no/such/page")
+        assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
+        routed = await client.get("/api/v1/nothing-here", headers={"Accept": "text/html"})
+        assert routed.status_code == 404 and "error" in routed.json(), "API paths keep their JSON errors"

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Route
 
 from services.gateway import security
 from services.gateway.api import FORWARD_ROUTE, own_routes, router
@@ -19,6 +20,7 @@ from services.gateway.live.api import router as live_router
 from services.gateway.live.service import LiveHub
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.service import Upstreams
+from services.gateway.web.api import not_found_page
 from services.gateway.web.api import router as web_router
 from services.gateway.web.api import session_router as web_session_router
 from services.gateway.web.service import STATIC as WEB_STATIC
@@ -78,5 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     # The dashboard's stylesheet, scripts and icon (services/gateway/web/static), from this origin only.
     app.mount("/static", StaticFiles(directory=WEB_STATIC), name="web-static")
     app.router.routes.append(FORWARD_ROUTE)
+    # Last of all: an unknown address answers a page to a browser (and the error shape to an API client).
+    app.router.routes.append(Route("/{path:path}", not_found_page, methods=["GET"], include_in_schema=False))
     security.install(app, settings)
     return app

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.guard import guard_anonymous
 from services.gateway.web.service import WebService
@@ -116,3 +117,14 @@ async def sign_out(request: Request, web: Web) -> Response:
     response = Response(status_code=204)
     await web.sign_out(request, response)
     return response
+
+
+async def not_found_page(request: Request) -> Response:
+    """Any other address: a page that says so for a browser, the API's error shape for everyone else. A plain
+    Starlette route, added after every other one (services/gateway/app.py)."""
+    if "text/html" not in request.headers.get("accept", ""):
+        raise StarletteHTTPException(404)
+    web: WebService = request.app.state.web
+    page = await web.page(request, "not_found.html", title="Page not found")
+    page.status_code = 404
+    return page
