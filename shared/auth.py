@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -440,6 +441,15 @@ async def require_user(request: Request, _token: str | None = Depends(oauth2_sch
     if principal.user_id is None or principal.role == "service":
         raise Unauthorized("sign in first: send 'Authorization: Bearer <access token>'")
     return principal
+
+
+async def require_local_user(principal: Principal = Depends(require_user)) -> str:
+    """Dependency: the signed-in caller's local account id (what users' own rows, such as alerts and saved
+    comparisons, are kept under); 401 for a token whose subject is no local account."""
+    try:
+        return str(uuid.UUID(principal.user_id or ""))
+    except ValueError:
+        raise Unauthorized("no local account for this token's subject") from None
 
 
 async def require_admin(request: Request, _token: str | None = Depends(oauth2_scheme)) -> Principal:

@@ -12,8 +12,8 @@ from fastapi.responses import HTMLResponse
 from services.alerting.channels.mail import render_unsubscribe_page
 from services.alerting.schemas import AlertEventsOut, AlertIn, AlertListOut, AlertOut, AlertPatch, UnsubscribeOut
 from services.alerting.service import AlertService
-from shared.auth import Principal, require_user
-from shared.errors import MethodNotAllowed, Unauthorized, error_responses
+from shared.auth import require_local_user
+from shared.errors import MethodNotAllowed, error_responses
 from shared.responses import DecimalJSONResponse
 from shared.service_app import lifespan_state
 
@@ -22,15 +22,7 @@ router = APIRouter(tags=["alerts"])
 Alerts = Annotated[AlertService, Depends(lifespan_state("alerts", AlertService))]
 
 
-async def _user_id(principal: Annotated[Principal, Depends(require_user)]) -> str:
-    """The caller's account id; alerts belong to local accounts (they are kept with the user's row)."""
-    try:
-        return str(uuid.UUID(principal.user_id or ""))
-    except ValueError:
-        raise Unauthorized("no local account for this token's subject") from None
-
-
-User = Annotated[str, Depends(_user_id)]
+User = Annotated[str, Depends(require_local_user)]
 AlertId = Annotated[uuid.UUID, Path(description="the alert's id", examples=["0b9d3f7e-2f43-4a5e-9a55-3f1c2d9e8a10"])]
 
 CREATE_DESCRIPTION = """

@@ -19,8 +19,8 @@ from services.analytics.schemas import (
     Interval,
 )
 from services.analytics.service import AnalyticsService, Cached, chart_asset, symbols_of
-from shared.auth import Principal, require_user
-from shared.errors import NotFound, Unauthorized, error_responses
+from shared.auth import require_local_user
+from shared.errors import NotFound, error_responses
 from shared.responses import DecimalJSONResponse
 from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
@@ -38,14 +38,7 @@ CHART_PAGE_CSP = (
 )
 
 
-async def _user_id(principal: Annotated[Principal, Depends(require_user)]) -> str:
-    try:
-        return str(uuid.UUID(principal.user_id or ""))
-    except ValueError:
-        raise Unauthorized("no local account for this token's subject") from None
-
-
-User = Annotated[str, Depends(_user_id)]
+User = Annotated[str, Depends(require_local_user)]
 Symbol = Annotated[str, Path(description="coin symbol, case-insensitive", pattern=SYMBOL_PATTERN, examples=["BTC"])]
 Vs = Annotated[str, Query(description="currency", pattern=SYMBOL_PATTERN, examples=["USD"])]
 Start = Annotated[

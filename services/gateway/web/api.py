@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -18,7 +19,9 @@ from shared.validation import SYMBOL_PATTERN, normalise_email
 router = APIRouter(include_in_schema=False)
 session_router = APIRouter(tags=["dashboard session"])
 
-Web = Annotated[WebService, Depends(lifespan_state("web", WebService))]
+# Also called directly: the not-found route is a plain Starlette route, without dependency injection.
+_web = lifespan_state("web", WebService)
+Web = Annotated[WebService, Depends(_web)]
 
 
 class SignIn(BaseModel):
@@ -26,54 +29,36 @@ class SignIn(BaseModel):
     password: str = Field(max_length=1024)
 
 
-@router.get("/", response_class=HTMLResponse)
-async def markets(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "markets.html", title="Markets")
+# The pages without parameters: address, template, title.
+PAGES = (
+    ("/", "markets.html", "Markets"),
+    ("/compare", "compare.html", "Compare"),
+    ("/convert", "convert.html", "Convert"),
+    ("/alerts", "alerts.html", "Alerts"),
+    ("/account", "account.html", "Account"),
+    ("/login", "login.html", "Sign in"),
+    ("/register", "register.html", "Create an account"),
+    ("/reset-password", "reset.html", "Reset your password"),
+    ("/admin", "admin.html", "Administration"),
+)
+
+
+def _page(template: str, title: str) -> Callable[[Request, WebService], Awaitable[HTMLResponse]]:
+    async def page(request: Request, web: Web) -> HTMLResponse:
+        return await web.page(request, template, title=title)
+
+    return page
+
+
+for _path, _template, _title in PAGES:
+    router.add_api_route(
+        _path, _page(_template, _title), methods=["GET"], response_class=HTMLResponse, name=_template.split(".")[0]
+    )
 
 
 @router.get("/coins/{symbol}", response_class=HTMLResponse)
 async def coin(request: Request, web: Web, symbol: Annotated[str, Path(pattern=SYMBOL_PATTERN)]) -> HTMLResponse:
     return await web.page(request, "coin.html", title=symbol.upper(), symbol=symbol.upper())
-
-
-@router.get("/compare", response_class=HTMLResponse)
-async def compare(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "compare.html", title="Compare")
-
-
-@router.get("/convert", response_class=HTMLResponse)
-async def convert(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "convert.html", title="Convert")
-
-
-@router.get("/alerts", response_class=HTMLResponse)
-async def alerts(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "alerts.html", title="Alerts")
-
-
-@router.get("/account", response_class=HTMLResponse)
-async def account(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "account.html", title="Account")
-
-
-@router.get("/login", response_class=HTMLResponse)
-async def login(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "login.html", title="Sign in")
-
-
-@router.get("/register", response_class=HTMLResponse)
-async def register(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "register.html", title="Create an account")
-
-
-@router.get("/reset-password", response_class=HTMLResponse)
-async def reset_password(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "reset.html", title="Reset your password")
-
-
-@router.get("/admin", response_class=HTMLResponse)
-async def admin(request: Request, web: Web) -> HTMLResponse:
-    return await web.page(request, "admin.html", title="Administration")
 
 
 @session_router.post(
@@ -124,7 +109,6 @@ async def not_found_page(request: Request) -> Response:
     Starlette route, added after every other one (services/gateway/app.py)."""
     if "text/html" not in request.headers.get("accept", ""):
         raise StarletteHTTPException(404)
-    web: WebService = request.app.state.web
-    page = await web.page(request, "not_found.html", title="Page not found")
+    page = await _web(request).page(request, "not_found.html", title="Page not found")
     page.status_code = 404
     return page
