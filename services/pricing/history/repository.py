@@ -121,11 +121,15 @@ def candles_sql(interval: str, *, floats: bool = False) -> str:
     the prices to float8 there (for statistics, which compute in float64 anyway)."""
     step = int(interval[:-1]) * {"m": 60, "h": 3600, "d": 86_400}[interval[-1]]
     level = _source_level(interval, step)
-    columns = f"{_agg('s')}"
-    if floats:
-        columns = ", ".join(
-            f"({part.rsplit(' AS ', 1)[0]})::float8 AS {part.rsplit(' AS ', 1)[1]}" for part in _agg_parts("s")
-        )
+    cast = "::float8" if floats else ""
+    if STEP_SECONDS[level] == step:
+        # A stored level (1m, 1h, 1d): its rows are already one per coin and bucket (the key holds one stored
+        # row per bucket, and a missing bucket is aggregated once), so there is nothing left to group.
+        columns = ", ".join(f"s.{c}{cast} AS {c}" for c in ("open", "high", "low", "close", "volume"))
+        return f"SELECT s.base, s.t, {columns} FROM ({_level_sql(level)}) AS s ORDER BY 1, 2"  # noqa: S608
+    columns = ", ".join(
+        f"({part.rsplit(' AS ', 1)[0]}){cast} AS {part.rsplit(' AS ', 1)[1]}" for part in _agg_parts("s")
+    )
     return (
         f"SELECT s.base, date_bin(INTERVAL '{step} seconds', s.t, {ORIGIN}) AS t, {columns} "  # noqa: S608
         f"FROM ({_level_sql(level)}) AS s GROUP BY 1, 2 ORDER BY 1, 2"
