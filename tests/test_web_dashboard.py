@@ -202,3 +202,9 @@ async def test_an_unknown_address_is_a_page_for_a_browser_and_the_error_shape_fo
         assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
         routed = await client.get("/api/v1/nothing-here", headers={"Accept": "text/html"})
         assert routed.status_code == 404 and "error" in routed.json(), "API paths keep their JSON errors"
+
+
+async def test_a_known_address_asked_with_another_method_is_405_not_a_page(web_platform):
+    async with httpx.AsyncClient(base_url=web_platform.gateway, timeout=20) as client:
+        response = await client.get("/web/session/refresh", headers={"Accept": "text/html"})
+        assert response.status_code == 405 and "POST" in response.headers["allow"]

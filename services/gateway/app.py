@@ -74,7 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         serve_docs=False,
     )
-    app.state.own_routes = own_routes(auth_router, router)
+    app.state.own_routes = own_routes(auth_router, router, web_session_router, web_router)
     # The merged spec is the gateway's own /openapi.json route (services/gateway/api.py).
     install_docs(app, openapi_url="/openapi.json", title="Coinlytics API")
     # The dashboard's stylesheet, scripts and icon (services/gateway/web/static), from this origin only.

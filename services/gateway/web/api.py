@@ -21,6 +21,7 @@ session_router = APIRouter(tags=["dashboard session"])
 
 # Also called directly: the not-found route is a plain Starlette route, without dependency injection.
 _web = lifespan_state("web", WebService)
+_own_routes = lifespan_state("own_routes", list)
 Web = Annotated[WebService, Depends(_web)]
 
 
@@ -107,6 +108,13 @@ async def sign_out(request: Request, web: Web) -> Response:
 async def not_found_page(request: Request) -> Response:
     """Any other address: a page that says so for a browser, the API's error shape for everyone else. A plain
     Starlette route, added after every other one (services/gateway/app.py)."""
+    # A path another route serves with other methods: 405 with those methods, as it would be without this.
+    allowed: set[str] = set()
+    for route in _own_routes(request):
+        if route.path_regex.match(request.url.path):
+            allowed |= route.methods or set()
+    if allowed:
+        raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
     if "text/html" not in request.headers.get("accept", ""):
         raise StarletteHTTPException(404)
     page = await _web(request).page(request, "not_found.html", title="Page not found")
