@@ -52,7 +52,7 @@ from shared.auth import Authenticator, Principal, bearer_token
 from shared.backoff import jittered_backoff
 from shared.errors import AppError, RateLimited, store_unavailable
 from shared.settings import Settings
-from shared.streams import ALERT_EVENTS_STREAM, PRICES_STREAM
+from shared.streams import ALERT_EVENTS_STREAM, PRICES_STREAM, PoisonMessage, StreamMessage
 from shared.validation import SYMBOL_RE
 
 log = structlog.get_logger("live")
@@ -289,18 +289,14 @@ class LiveHub:
 
     @staticmethod
     def _payload(fields: Any) -> dict[str, Any]:
+        # The one decoding of a stream entry (shared/streams.py StreamMessage.payload), its refusals as BadEntry.
         if not isinstance(fields, dict):
             raise BadEntry("the entry has no fields")
-        raw = fields.get(b"data", fields.get("data"))
-        if raw is None:
-            raise BadEntry("the entry has no 'data' field")
         try:
-            payload = json.loads(raw)
-        except ValueError as exc:
-            raise BadEntry(f"'data' is not JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise BadEntry("'data' is not a JSON object")
-        return payload
+            text = {_text(k): _text(v) for k, v in fields.items()}
+            return StreamMessage(id="", fields=text).payload()
+        except (PoisonMessage, UnicodeDecodeError) as exc:
+            raise BadEntry(str(exc)) from None
 
     def _fan_out_price(self, payload: dict[str, Any], entry_id: str) -> None:
         pair, frame = schemas.price_frame(payload, entry_id)
@@ -772,3 +768,7 @@ def _origin_key(url: str) -> tuple[str, str, int] | None:
     if scheme not in ("http", "https") or not parts.hostname:
         return None
     return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
