@@ -3,6 +3,7 @@ windows, spread, stale prices, and that an update looks only at the thresholds i
 
 from __future__ import annotations
 
+import weakref
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -14,19 +15,21 @@ T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 D = Decimal
 
 
-_CLOCKS: dict[int, datetime] = {}
+# Keyed weakly by the engine itself: an id() can be reused by a later test's engine once this one is freed,
+# which handed that engine a stale clock and made the window tests depend on garbage collection.
+_CLOCKS: weakref.WeakKeyDictionary[AlertEngine, datetime] = weakref.WeakKeyDictionary()
 
 
 def feed(engine: AlertEngine, prices: list[str], *, start: datetime | None = None,
          step: timedelta = timedelta(seconds=1), status: str = "fresh") -> list[list[str]]:  # fmt: skip
     """The ids fired by each price in turn; times go on from the engine's previous feed unless ``start`` is
     given (the engine skips a price older than one it has evaluated)."""
-    at = start if start is not None else _CLOCKS.get(id(engine), T0)
+    at = start if start is not None else _CLOCKS.get(engine, T0)
     out = []
     for price in prices:
         out.append([t.rule_id for t in engine.on_price("BTC", "USD", D(price), status, at)])
         at += step
-    _CLOCKS[id(engine)] = at
+    _CLOCKS[engine] = at
     return out
 
 
