@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -58,9 +58,11 @@ async def _seed(database_url: str) -> None:
             if row["symbol"] in wanted:
                 base, vs = wanted[row["symbol"]]
                 await conn.execute(
+                    # Fresh for the whole run: no source feeds these, so nothing else would vouch for them, and
+                    # a price past its fresh_until reads as stale (a conversion then answers 503).
                     "INSERT INTO prices (base, vs, price, volume_24h, status, sources_used, sources_total, method,"
-                    " last_updated) VALUES ($1, $2, $3, $4, 'fresh', 1, 1, 'vwap-mad2.5', $5)",
-                    base, vs, Decimal(row["lastPrice"]), Decimal(row["volume"]), now,
+                    " last_updated, fresh_until) VALUES ($1, $2, $3, $4, 'fresh', 1, 1, 'vwap-mad2.5', $5, $6)",
+                    base, vs, Decimal(row["lastPrice"]), Decimal(row["volume"]), now, now + timedelta(days=1),
                 )  # fmt: skip
         for day, rates in ecb.days.items():
             for currency, rate in rates.items():

@@ -126,3 +126,12 @@ async def wait_ok(session: aiohttp.ClientSession, url: str, process: subprocess.
                     return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{url} did not answer 200 within 60 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process (all its threads) has used so far, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name, which is in parentheses and may itself contain spaces.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")

@@ -281,6 +281,49 @@ def cmd_create_admin(args: argparse.Namespace) -> None:
     _say(f"{'created administrator' if created else 'promoted to administrator'}: {email} ({user_id})")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    """Prints (or writes) the report of a window of the system log: text, the API's JSON, or an HTML page."""
+    from services.gateway.reports.service import build_report, window
+    from shared.errors import AppError
+    from shared.system_log import log_files
+
+    try:
+        # The report reads a file and signs nothing: throwaway secrets keep a production environment without
+        # the platform's secrets (an operator's shell) from being refused.
+        settings = load_settings(jwt_secret=secrets.token_urlsafe(48), hmac_key=secrets.token_urlsafe(48))
+        since, until = window(args.since, args.until)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    except AppError as exc:
+        _fail(exc.message.replace("since:", "--since:", 1).replace("until:", "--until:", 1))
+    path = settings.system_log_file()
+    if not log_files(path):
+        _fail(f"no system log at {path}: set COINLYTICS_DATA_DIR (or COINLYTICS_SYSTEM_LOG_PATH) to the platform's")
+    report = build_report(path, since, until)
+    target: Path | None
+    if args.format == "html":
+        from services.gateway.reports.html import render_html
+
+        content = render_html(report)
+        target = Path(args.output or "coinlytics-report.html").resolve()
+    elif args.format == "json":
+        content = report.model_dump_json(indent=2) + "\n"
+        target = Path(args.output).resolve() if args.output else None
+    else:
+        from services.gateway.reports.text import render_text
+
+        content = render_text(report)
+        target = Path(args.output).resolve() if args.output else None
+    if target is None:
+        sys.stdout.write(content)
+        return
+    try:
+        target.write_text(content, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write {target}: {exc.strerror or exc}")
+    _say(f"report written to {target}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coinlytics", description="Coinlytics market-data platform")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--end", help="ISO 8601 or Unix seconds (default now)")
     fill.add_argument("--quiet", action="store_true", help="no progress bar")
     fill.set_defaults(func=cmd_backfill)
+    report = sub.add_parser("report", help="requests, tasks, sources and alerts of a window, from the system log")
+    report.add_argument("--since", default="24h", help="a span (15m, 24h, 7d) or an ISO 8601 moment (default 24h)")
+    report.add_argument("--until", help="the window's end, ISO 8601 (default now)")
+    report.add_argument("--format", choices=("text", "json", "html"), default="text", help="default text")
+    report.add_argument("--output", help="file to write (html default: coinlytics-report.html here)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

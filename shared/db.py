@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import text
+import structlog
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -22,7 +23,7 @@ def async_database_url(url: str) -> str:
 
 
 def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         async_database_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -30,6 +31,25 @@ def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncE
         pool_recycle=1800,
         echo=echo,
     )
+    _log_new_connections(engine)
+    return engine
+
+
+def _log_new_connections(engine: AsyncEngine) -> None:
+    """``db_connection_created`` for the system log each time the pool opens a connection (never the password)."""
+    parsed = engine.url
+    # A Unix-socket DSN (the embedded server) names its directory in the query, not as the host.
+    socket_dir = parsed.query.get("host")
+    host = parsed.host or (socket_dir if isinstance(socket_dir, str) else None) or "localhost"
+    fields: dict[str, object] = {"host": host, "database": parsed.database}
+    if parsed.port:
+        fields["port"] = parsed.port
+    log = structlog.get_logger("db")
+
+    def connected(dbapi_connection: object, connection_record: object) -> None:
+        log.info("db_connection_created", **fields)
+
+    event.listen(engine.sync_engine, "connect", connected)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

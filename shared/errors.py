@@ -209,6 +209,10 @@ def store_unavailable(exc: BaseException) -> str | None:
             return "the database"
         if isinstance(current, ConnectionError | TimeoutError) or type(current).__name__ in _DRIVER_CONNECTION_ERRORS:
             return "Redis" if isinstance(current, RedisError) else "the database"
+        if isinstance(current, FileNotFoundError) and current.filename is None:
+            # Connecting to PostgreSQL's unix socket (the embedded server's) while it is stopped: the socket
+            # file is gone. Opening a missing file names it; a socket connect does not.
+            return "the database"
         current = current.__cause__ or current.__context__
     return None
 

@@ -4,6 +4,7 @@ metrics endpoints, correlation ids, the error handlers, and the process entry po
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,11 +27,12 @@ from shared.auth import InternalAuthMiddleware
 from shared.db import create_engine, session_factory
 from shared.docs import install_docs
 from shared.errors import error_response, install_error_handlers
-from shared.logging import CorrelationIdMiddleware, configure_logging
+from shared.logging import CorrelationIdMiddleware, active_system_log, configure_logging, get_correlation_id
 from shared.server_versions import UnsupportedServerError, ensure_supported_servers
 from shared.settings import SERVICE_PORTS, ConfigurationError, Settings, load_settings
-from shared.streams import StreamPublisher
+from shared.streams import StreamMetrics, StreamPublisher
 from shared.supervisor import Supervisor
+from shared.system_log import DroppedLinesCollector, SystemLog
 
 log = structlog.get_logger("service")
 
@@ -45,6 +47,8 @@ class Resources:
     redis: Redis
     publisher: StreamPublisher
     registry: CollectorRegistry
+    # The metrics every stream consumer of the service reports into (registered once in ``registry``).
+    stream_metrics: StreamMetrics
     # Every long-running task of the service runs under it; /readyz reports what it knows.
     supervisor: Supervisor
 
@@ -68,6 +72,7 @@ async def open_resources(
             redis=redis,
             publisher=StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen),
             registry=registry,
+            stream_metrics=StreamMetrics(registry),
             supervisor=supervisor,
         )
     finally:
@@ -99,6 +104,18 @@ def lifespan_state(name: str, kind: type[T]) -> Callable[[HTTPConnection], T]:
     return dependency
 
 
+# A service names the route template that answered; the gateway reads it back from what it forwarded and
+# puts it on its own scope under ROUTE_TEMPLATE_KEY, so its metrics and system log say "/api/v1/prices"
+# rather than its one forwarding route.
+ROUTE_HEADER = "x-coinlytics-route"
+ROUTE_HEADER_BYTES = ROUTE_HEADER.encode()
+ROUTE_TEMPLATE_KEY = "coinlytics.route_template"
+# Probes and scrapes: frequent, and not what an operator reads the log for.
+UNLOGGED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# A path is the caller's input: a very long one is cut in the log line.
+MAX_LOGGED_PATH = 2048
+
+
 class MetricsMiddleware:
     """Counts requests and their latency by route template (not raw path, to bound label cardinality)."""
 
@@ -110,6 +127,11 @@ class MetricsMiddleware:
         self.latency = Histogram(
             "http_request_duration_seconds", "HTTP request latency", ["method", "route"], registry=registry
         )
+        # request_started / request_finished for the system log. A concrete logger, bound once when the app
+        # first runs (after configure_logging): structlog's lazy proxy would rebuild one on every call.
+        self.log = structlog.get_logger("http").bind()
+        is_enabled_for = getattr(self.log, "is_enabled_for", None)
+        self.log_requests = is_enabled_for is None or bool(is_enabled_for(logging.INFO))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,20 +139,34 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        path = scope["path"]
+        logged = self.log_requests and path not in UNLOGGED_PATHS
+        if logged:
+            path = path[:MAX_LOGGED_PATH]
+            self.log.info("request_started", method=scope["method"], path=path, correlation_id=get_correlation_id())
 
         async def record_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                route = scope.get("route")
+                if route is not None:
+                    # The gateway labels what it forwarded with this template instead of its catch-all.
+                    message["headers"] = [*message.get("headers", []), (ROUTE_HEADER_BYTES, route.path.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, record_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = scope.get(ROUTE_TEMPLATE_KEY) or getattr(scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - started
             self.requests.labels(scope["method"], template, str(status)).inc()
-            self.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
+            self.latency.labels(scope["method"], template).observe(elapsed)
+            if logged:
+                self.log.info(
+                    "request_finished", method=scope["method"], path=path, route=template, status=status,
+                    duration_ms=round(elapsed * 1000, 3), correlation_id=get_correlation_id(),
+                )  # fmt: skip
 
 
 def ops_router() -> APIRouter:
@@ -206,6 +242,8 @@ def build_service_app(
     serve_docs: bool = True,
 ) -> FastAPI:
     registry = CollectorRegistry()
+    # system_log_dropped_lines_total: read from the process's system log writer when scraped (0 without one).
+    registry.register(DroppedLinesCollector(active_system_log))
 
     @asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -273,7 +311,10 @@ def serve(service: str, create_app: Callable[[Settings], FastAPI]) -> None:
     except ConfigurationError as exc:
         sys.stderr.write(f"{service}: cannot start: {exc}\n")
         raise SystemExit(2) from None
-    configure_logging(service, settings.log_level, settings.log_format)
+    # Every service process of this data dir appends to the one system log (shared/system_log.py).
+    configure_logging(
+        service, settings.log_level, settings.log_format, system_log=SystemLog.for_settings(settings, service)
+    )
     try:
         settings.require_database_url()
         settings.require_redis_url()

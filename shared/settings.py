@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     retention_user_activity_days: float = Field(default=365, gt=0)
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+    # The system log (docs/operations.md): one JSON-lines file every service of this data dir appends to,
+    # `<data_dir>/coinlytics_system.log` unless a path is given; renamed aside when it passes the size, and
+    # rotated files older than the retention are deleted by the gateway's hourly job.
+    system_log_path: Path | None = None
+    system_log_max_mb: float = Field(default=50, gt=0)
+    system_log_retention_days: float = Field(default=7, gt=0)
     # Live push (the gateway's /api/v1/ws)
     # A heartbeat frame this often; an authenticated socket's token is re-checked (expiry, revocation) at each.
     live_heartbeat_seconds: float = Field(default=15.0, gt=0)
@@ -218,6 +224,20 @@ class Settings(BaseSettings):
                 ) from None
         return value
 
+    @field_validator("system_log_path", mode="before")
+    @classmethod
+    def _empty_path_is_default(cls, value: object) -> object:
+        # COINLYTICS_SYSTEM_LOG_PATH= (empty) means the default, not Path("") (the working directory).
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("system_log_path")
+    @classmethod
+    def _log_path_is_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.is_dir():
+            example = value / "coinlytics_system.log"
+            raise ValueError(f"{value} is a directory: give the log file's path, e.g. {example}")
+        return value
+
     @field_validator("sources", mode="before")
     @classmethod
     def _lower_csv(cls, value: object) -> object:
@@ -300,6 +320,10 @@ class Settings(BaseSettings):
 
     def source_url(self, source: str, kind: Literal["rest", "ws"]) -> str | None:
         return self.source_urls.get(f"{source.lower()}_{kind}_url")
+
+    def system_log_file(self) -> Path:
+        """Where the system log is written (and read by the report): the configured path or the data dir's."""
+        return self.system_log_path or self.data_dir / "coinlytics_system.log"
 
     def service_url(self, service: str) -> str:
         url: str = getattr(self, f"{service}_url")

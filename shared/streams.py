@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -155,6 +156,37 @@ return false
 BatchHandler = Callable[[list[StreamMessage]], Awaitable[None]]
 MessageHandler = Callable[[StreamMessage], Awaitable[None]]
 
+# How often a consumer reads its group's pending count and lag (XINFO GROUPS) for the gauges.
+GROUP_METRICS_SECONDS = 5.0
+
+
+class StreamMetrics:
+    """The stream consumers' metrics of one service: made once per registry (the service's
+    ``Resources.stream_metrics``) and shared by all its consumers, which label them with their stream (the
+    logical name, without the namespace) and group."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.processed = Counter(
+            "stream_entries_processed_total",
+            "Stream entries a consumer finished with, by outcome: acked (handled), failed (handler raised; left "
+            "pending for a retry), dead_lettered, lost (trimmed from the stream before they were handled)",
+            ["stream", "group", "outcome"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "stream_pending_entries",
+            "Entries delivered to the group and not acknowledged yet (XINFO GROUPS pending)",
+            ["stream", "group"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "stream_lag_entries",
+            "Entries in the stream not delivered to the group yet (XINFO GROUPS lag; absent while Redis cannot "
+            "tell, e.g. Redis 6.2 or after entries were deleted)",
+            ["stream", "group"],
+            registry=registry,
+        )
+
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -187,8 +219,11 @@ class StreamConsumer:
         max_deliveries: int = 5,
         dlq_maxlen: int = 100_000,
         stall_seconds: float = 300.0,
+        metrics: StreamMetrics | None = None,
+        metrics_interval: float = GROUP_METRICS_SECONDS,
     ) -> None:
         self.redis = redis
+        self.stream_name = stream
         self.stream = f"{namespace}:stream:{stream}"
         self.dlq = f"{self.stream}:dlq"
         self.group = group
@@ -210,6 +245,9 @@ class StreamConsumer:
         self.last_step_at: float | None = None
         # (oldest pending id, when it was first seen there): a pending list whose head never moves is stuck.
         self._oldest_pending: tuple[str, float] | None = None
+        self.metrics = metrics
+        self.metrics_interval = metrics_interval
+        self._metrics_at = -float("inf")
 
     @classmethod
     def configured(
@@ -223,6 +261,7 @@ class StreamConsumer:
         handle_batch: BatchHandler | None = None,
         consumer: str | None = None,
         batch_size: int | None = None,
+        metrics: StreamMetrics | None = None,
     ) -> StreamConsumer:
         """A consumer with the deployment's stream settings (namespace, budgets, reclaim delay)."""
         return cls(
@@ -238,6 +277,7 @@ class StreamConsumer:
             max_deliveries=settings.stream_max_deliveries,
             dlq_maxlen=settings.stream_maxlen,
             stall_seconds=settings.stream_stall_seconds,
+            metrics=metrics,
         )
 
     async def ensure_group(self) -> None:
@@ -252,10 +292,20 @@ class StreamConsumer:
         supervisor, which logs it and starts the consumer again."""
         await self.ensure_group()
         log.info("consumer_started", stream=self.stream, group=self.group, consumer=self.consumer)
+        try:
+            await self._run(stop)
+        except BaseException as exc:
+            reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else f"{type(exc).__name__}: {exc}"
+            log.info("consumer_stopped", stream=self.stream, group=self.group, consumer=self.consumer, reason=reason)
+            raise
+        log.info("consumer_stopped", stream=self.stream, group=self.group, consumer=self.consumer, reason="stopped")
+
+    async def _run(self, stop: asyncio.Event) -> None:
         self.last_step_at = time.monotonic()
         outages = 0
         while not stop.is_set():
             try:
+                await self.refresh_metrics()
                 await self.step()
                 self.last_step_at = time.monotonic()
                 outages = 0
@@ -274,6 +324,34 @@ class StreamConsumer:
                     await self.ensure_group()
                 else:
                     raise
+
+    async def refresh_metrics(self, *, force: bool = False) -> None:
+        """Every ``metrics_interval`` (or now, when forced): the group's pending count and lag into the gauges,
+        from one XINFO GROUPS."""
+        if self.metrics is None or (not force and time.monotonic() - self._metrics_at < self.metrics_interval):
+            return
+        self._metrics_at = time.monotonic()
+        try:
+            groups = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:
+            return  # the stream is gone (FLUSHDB): step() recreates it and the group
+        labels = (self.stream_name, self.group)
+        for info in groups:
+            if _s(info["name"]) != self.group:
+                continue
+            self.metrics.pending.labels(*labels).set(int(info["pending"]))
+            lag = info.get("lag")
+            if lag is not None:
+                self.metrics.lag.labels(*labels).set(int(lag))
+            else:
+                # Unknown (Redis 6.2 has no lag; 7.x gives none while deleted entries make it uncountable):
+                # no sample rather than a stale or made-up one.
+                with contextlib.suppress(KeyError):
+                    self.metrics.lag.remove(*labels)
+
+    def _count(self, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.processed.labels(self.stream_name, self.group, outcome).inc(n)
 
     async def stall_reason(self) -> str | None:
         """Why this consumer is not keeping up, or None: no read completed for ``stall_seconds``, or the
@@ -354,7 +432,9 @@ class StreamConsumer:
             else:
                 messages.append(message)
         if messages:
-            log.info("consumer_reclaimed", stream=self.stream, count=len(messages))
+            log.info(
+                "consumer_reclaimed", stream=self.stream, group=self.group, consumer=self.consumer, count=len(messages)
+            )
             # One by one: a reclaimed entry has failed before, so isolate it from the others.
             for done, message in enumerate(messages):
                 try:
@@ -377,6 +457,7 @@ class StreamConsumer:
             return
         await self.redis.xack(self.stream, self.group, *gone)
         self.lost += len(gone)
+        self._count("lost", len(gone))
         log.error(
             "consumer_entries_lost",
             stream=self.stream,
@@ -404,6 +485,7 @@ class StreamConsumer:
             else:
                 await self.redis.xack(self.stream, self.group, *[m.id for m in messages])
                 self.processed += len(messages)
+                self._count("acked", len(messages))
                 return
         for message in messages:
             await self._process_one(message)
@@ -422,6 +504,7 @@ class StreamConsumer:
                 raise StoreUnavailable(str(exc)) from exc
             # Left pending: reclaim retries it later and dead-letters it once its budget is spent.
             self.failed += 1
+            self._count("failed")
             log.warning(
                 "consumer_message_failed",
                 stream=self.stream,
@@ -431,6 +514,7 @@ class StreamConsumer:
         else:
             await self.redis.xack(self.stream, self.group, message.id)
             self.processed += 1
+            self._count("acked")
         finally:
             set_correlation_id(None)
 
@@ -461,4 +545,8 @@ class StreamConsumer:
             pipe.xack(self.stream, self.group, message.id)
             await pipe.execute()
         self.dead_lettered += 1
-        log.error("consumer_dead_lettered", stream=self.stream, entry_id=message.id, reason=reason, dlq=self.dlq)
+        self._count("dead_lettered")
+        log.error(
+            "consumer_dead_lettered", stream=self.stream, group=self.group, entry_id=message.id, reason=reason,
+            dlq=self.dlq,
+        )  # fmt: skip

@@ -63,6 +63,8 @@ class Supervisor:
         healthy_after: float = 60.0,
     ) -> None:
         self.service = service
+        # Also where the job workers it runs report their metrics (shared/jobs.py).
+        self.registry = registry
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         # A task that stayed up this long is considered recovered: its next failure starts a fresh backoff.

@@ -4,7 +4,7 @@ ISO 8601 in UTC with a "Z"."""
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import overload
 
 from shared.errors import ValidationFailed
@@ -53,3 +53,30 @@ def parse_time(value: str, name: str) -> datetime:
     if not (EARLIEST <= moment <= LATEST):
         raise _out_of_range(name, value)
     return moment
+
+
+# "15m", "24h", "7d", "90s", "2w": a span back from now, as operators type it on a command line.
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_since(value: str, name: str, now: datetime) -> datetime:
+    """A window's start: a span back from ``now`` ("15m", "24h", "7d") or a moment as ``parse_time`` takes it."""
+    text = value.strip().lower()
+    unit = _SPAN_UNITS.get(text[-1:]) if text else None
+    if unit is not None and text[:-1].isdigit() and len(text) <= 12:
+        seconds = int(text[:-1]) * unit
+        if seconds <= 0 or seconds > (now - EARLIEST).total_seconds():
+            raise ValidationFailed(
+                f"{name}: {value[:40]!r} must be a positive span that starts after 1970-01-01",
+                details={"parameter": name},
+            )
+        return now - timedelta(seconds=seconds)
+    try:
+        return parse_time(value, name)
+    except ValidationFailed as exc:
+        if isinstance(exc.details, dict) and "earliest" in exc.details:
+            raise  # a moment, but out of range: that message says more
+        raise ValidationFailed(
+            f"{name}: expected a span such as 15m, 24h or 7d, or an ISO 8601 moment, got {value[:40]!r}",
+            details={"parameter": name},
+        ) from exc

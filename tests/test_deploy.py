@@ -173,9 +173,20 @@ def test_compose_services_wait_for_dependencies_and_migration() -> None:
 
 
 def test_compose_publishes_only_the_gateway() -> None:
-    published = {name: svc["ports"] for name, svc in compose_services().items() if svc.get("ports")}
+    # The opt-in monitoring profile (Prometheus, Grafana) may publish, but on the host's loopback only.
+    monitoring = {name for name, svc in compose_services().items() if "monitoring" in (svc.get("profiles") or [])}
+    published = {
+        name: svc["ports"] for name, svc in compose_services().items() if svc.get("ports") and name not in monitoring
+    }
     gateway_port = service_ports()["gateway"]
     assert published == {"gateway": [f"{gateway_port}:{gateway_port}"]}
+    public = [
+        f"{name}: {port}"
+        for name in monitoring
+        for port in compose_services()[name].get("ports") or []
+        if not str(port).startswith("127.0.0.1:")
+    ]
+    assert not public, f"monitoring services published beyond the loopback: {public}"
 
 
 def test_compose_environment_points_services_at_each_other() -> None:

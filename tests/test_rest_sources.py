@@ -351,6 +351,21 @@ async def test_truncated_json_is_a_bad_response(binance, make_runner, redis, set
     await _fails_then_recovers(runner, redis, settings, "bad_response")
 
 
+@pytest.mark.parametrize("garble", ["reversed", "gzip"])
+async def test_a_body_that_is_not_json_is_a_bad_response(
+    garble, binance, make_runner, redis, settings, exchange_fixtures
+):
+    """Bytes that do not even start like JSON once passed ccxt as "no tickers": every market was dropped as
+    unlisted and the source stayed mute, reported connected, until it was reopened."""
+    import gzip
+
+    body = (exchange_fixtures / "binance/rec_api_v1_ticker_24hr_ALL_2019-08-22.json").read_bytes()
+    binance.fail_next("/api/v3/ticker/24hr", Reply(body=body[::-1] if garble == "reversed" else gzip.compress(body)))
+    runner = make_runner("binance", ["BTC"])
+    await _fails_then_recovers(runner, redis, settings, "bad_response")
+    assert "BTC/USDT" not in runner.source.dropped  # type: ignore[attr-defined]
+
+
 async def test_bad_prices_are_rejected_and_the_rest_published(
     binance, make_runner, redis, settings, exchange_fixtures, db
 ):

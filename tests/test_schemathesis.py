@@ -76,6 +76,11 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 
 [[operations]]
 include-name = "GET /api/v1/analytics/comparisons/{comparison_id}/run"
 checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
+
+# The log report's window: `since` a span or a moment, before `until` (free text the schema cannot state).
+[[operations]]
+include-name = "GET /api/v1/admin/report"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
 """
 ST_PASSWORD = "COINLYTICS_ST_PASSWORD"
 

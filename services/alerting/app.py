@@ -27,7 +27,7 @@ async def email_channel(app: FastAPI, resources: Resources) -> AsyncIterator[Non
     """The email sender and its stream consumer (welcome, password-reset and alert mails)."""
     settings = resources.settings
     app.state.email_sender = EmailSender(settings.smtp_url, settings.smtp_from)
-    emails = EmailConsumer(settings, resources.redis, app.state.email_sender)
+    emails = EmailConsumer(settings, resources.redis, app.state.email_sender, metrics=resources.stream_metrics)
     resources.supervisor.start("email-consumer", emails.run, check=emails.consumer.stall_reason)
     yield
 
@@ -38,9 +38,14 @@ async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
     alerts = AlertService(settings, resources.sessions, resources.redis, resources.publisher)
     app.state.alerts = alerts
     jobs = JobQueue(settings)
-    app.state.evaluation = EvaluationService(settings, resources.sessions, resources.redis, resources.publisher, jobs)
+    app.state.evaluation = EvaluationService(
+        settings, resources.sessions, resources.redis, resources.publisher, jobs,
+        registry=resources.registry, stream_metrics=resources.stream_metrics,
+    )  # fmt: skip
     async with email_channel(app, resources):
-        delivery = DeliveryService(settings, resources.sessions, alerts, app.state.email_sender)
+        delivery = DeliveryService(
+            settings, resources.sessions, alerts, app.state.email_sender, registry=resources.registry
+        )
         await delivery.start()
         ctx = {
             "settings": settings,

@@ -10,6 +10,7 @@ jittered; a 429's ``Retry-After`` when longer); past the schedule the delivery i
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from urllib.parse import quote
 
 import structlog
 from arq.worker import Retry
+from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.alerting import repository
@@ -36,6 +38,9 @@ log = structlog.get_logger("alerting")
 FINISHED = frozenset({"delivered", "failed", "disabled", "skipped"})
 # Retry-After beyond this is not honoured as such: the schedule's own delay applies (a day at most).
 MAX_RETRY_AFTER_SECONDS = 86_400.0
+# An attempt's outcome as metrics and the system log name it, by the delivery status it left behind (a
+# 410 Gone disables the channel).
+ATTEMPT_OUTCOMES = {"delivered": "delivered", "retrying": "retrying", "failed": "failed", "disabled": "gone"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,7 @@ class DeliveryService:
         *,
         webhook: WebhookSender | None = None,
         sms: SmsSender | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -77,6 +83,12 @@ class DeliveryService:
         self.webhook = webhook or WebhookSender(allow_private=settings.webhook_allow_private)
         self.sms = sms or SmsSender(settings.sms_url, settings.sms_from)
         self.unsubscribe_key = settings.purpose_key(UNSUBSCRIBE_PURPOSE)
+        self.attempts = Counter(
+            "alert_deliveries_total",
+            "Alert delivery attempts by channel type and outcome (delivered, retrying, failed, gone)",
+            ["channel", "outcome"],
+            registry=registry,
+        )
 
     async def start(self) -> None:
         await self.webhook.start()
@@ -91,13 +103,14 @@ class DeliveryService:
         attempt = await self._begin(event_id, channel_index)
         if isinstance(attempt, str):
             return attempt
+        started = time.perf_counter()
         try:
             outcome = await self._send(attempt)
         except Exception as exc:
             # A bug or an unexpected library error: a transient failure like any other, never a lost event.
             log.exception("alert_delivery_error", event_id=str(event_id), channel=channel_index)
             outcome = Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])
-        return await self._finish(attempt, outcome)
+        return await self._finish(attempt, outcome, duration_ms=(time.perf_counter() - started) * 1000)
 
     async def _begin(self, event_id: uuid.UUID, channel_index: int) -> Attempt | str:
         now = datetime.now(UTC)
@@ -159,7 +172,7 @@ class DeliveryService:
             )
         return Outcome("failed", f"unknown channel type {kind!r}")
 
-    async def _finish(self, attempt: Attempt, outcome: Outcome) -> str:
+    async def _finish(self, attempt: Attempt, outcome: Outcome, *, duration_ms: float = 0.0) -> str:
         now = datetime.now(UTC)
         delay: float | None = None
         disabled_alert = None
@@ -193,12 +206,18 @@ class DeliveryService:
                     delivery.status = "retrying"
                     delivery.next_attempt_at = now + timedelta(seconds=delay)
             status = delivery.status
+        kind = str(attempt.channel["type"])
+        result = ATTEMPT_OUTCOMES.get(status, status)
+        self.attempts.labels(kind, result).inc()
         log.info(
-            "alert_delivery",
+            "alert_delivered",
+            alert_id=str(attempt.alert_id),
             event_id=str(attempt.event_id),
-            channel=attempt.channel_index,
-            type=attempt.channel["type"],
+            channel=kind,
+            channel_index=attempt.channel_index,
+            outcome=result,
             attempt=attempt.attempt,
+            duration_ms=round(duration_ms, 3),
             status=status,
             detail=outcome.detail,
             retry_in=None if delay is None else round(delay, 1),

@@ -27,6 +27,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import Redis
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -45,6 +46,7 @@ from shared.streams import (
     PoisonMessage,
     StreamConsumer,
     StreamMessage,
+    StreamMetrics,
     StreamPublisher,
     default_consumer_name,
 )
@@ -180,12 +182,20 @@ class EvaluationService:
         jobs: JobQueue,
         *,
         consumer_name: str | None = None,
+        registry: CollectorRegistry | None = None,
+        stream_metrics: StreamMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.redis = redis
         self.publisher = publisher
         self.jobs = jobs
+        self.evaluations = Counter(
+            "alert_evaluations_total", "Consolidated prices evaluated against the alert rules", registry=registry
+        )
+        self.fired_total = Counter(
+            "alert_fired_total", "Alert events fired (stored once per event id)", registry=registry
+        )
         self.name = consumer_name or default_consumer_name(EVALUATOR_GROUP)
         self.engine = AlertEngine()
         self.lease_key = settings.key("alerting", "evaluator", "lease")
@@ -206,6 +216,7 @@ class EvaluationService:
             consumer=self.name,
             handle_one=self.handle_one,
             handle_batch=self.handle_batch,
+            metrics=stream_metrics,
         )
 
     # --- leadership ----------------------------------------------------------------------------
@@ -409,13 +420,16 @@ class EvaluationService:
             await self.load()
         fired: list[tuple[Trigger, str]] = []
         touched: dict[tuple[str, str], None] = {}
+        evaluated = 0
         for update in updates:
+            evaluated += 1
             triggers = self.engine.on_price(
                 update.symbol, update.vs, update.price, update.status, update.at, spread_pct=update.spread_pct
             )
             fired += [(t, update.event_id) for t in triggers]
             if (update.symbol, update.vs) in self.engine.books:
                 touched[(update.symbol, update.vs)] = None
+        self.evaluations.inc(evaluated)
         try:
             if fired:
                 await self.record(fired)
@@ -489,12 +503,14 @@ class EvaluationService:
             # (the job id makes that a no-op while the first job still exists).
             unfinished = await repository.deliveries_of(session, [e for e in payloads if e not in new])
         self.fired += len(new)
+        self.fired_total.inc(len(new))
         for event_id in new:
             log.info(
                 "alert_fired",
                 event_id=str(event_id),
                 alert_id=payloads[event_id]["alert_id"],
                 symbol=payloads[event_id]["symbol"],
+                vs=payloads[event_id]["vs"],
                 condition=payloads[event_id]["condition"],
                 value=payloads[event_id]["value"],
             )

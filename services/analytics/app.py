@@ -19,7 +19,7 @@ from shared.settings import Settings
 async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
     service = AnalyticsService(resources.settings, resources.sessions, resources.redis)
     app.state.analytics = service
-    consumer = price_consumer(resources.redis, resources.settings, service)
+    consumer = price_consumer(resources.redis, resources.settings, service, metrics=resources.stream_metrics)
     resources.supervisor.start("price-consumer", consumer.run, check=consumer.stall_reason)
     yield
 

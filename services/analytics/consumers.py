@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from services.analytics.service import AnalyticsService
 from shared.settings import Settings
-from shared.streams import PRICES_STREAM, PoisonMessage, StreamConsumer, StreamMessage
+from shared.streams import PRICES_STREAM, PoisonMessage, StreamConsumer, StreamMessage, StreamMetrics
 
 GROUP = "analytics"
 
@@ -27,7 +27,12 @@ def _pair(message: StreamMessage) -> tuple[str, str, datetime]:
 
 
 def price_consumer(
-    redis: Redis, settings: Settings, service: AnalyticsService, *, consumer: str | None = None
+    redis: Redis,
+    settings: Settings,
+    service: AnalyticsService,
+    *,
+    consumer: str | None = None,
+    metrics: StreamMetrics | None = None,
 ) -> StreamConsumer:
     async def handle_one(message: StreamMessage) -> None:
         await service.new_candles([_pair(message)])
@@ -48,4 +53,5 @@ def price_consumer(
         consumer=consumer,
         handle_one=handle_one,
         handle_batch=handle_batch,
+        metrics=metrics,
     )

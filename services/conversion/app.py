@@ -35,7 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
         service = ConversionService(settings, sessions=resources.sessions, redis=resources.redis)
         app.state.conversion = service
         await service.rebuild()
-        consumer = price_consumer(resources.redis, settings, service)
+        consumer = price_consumer(resources.redis, settings, service, metrics=resources.stream_metrics)
         app.state.price_consumer = consumer
         resources.supervisor.start("price-consumer", consumer.run, check=consumer.stall_reason)
         startup: asyncio.Task[None] | None = None

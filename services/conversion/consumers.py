@@ -6,7 +6,7 @@ from redis.asyncio import Redis
 
 from services.conversion.service import ConversionService
 from shared.settings import Settings
-from shared.streams import PRICES_STREAM, PoisonMessage, StreamConsumer, StreamMessage
+from shared.streams import PRICES_STREAM, PoisonMessage, StreamConsumer, StreamMessage, StreamMetrics
 
 GROUP = "conversion"
 
@@ -19,7 +19,12 @@ def _payload(message: StreamMessage) -> dict[str, object]:
 
 
 def price_consumer(
-    redis: Redis, settings: Settings, service: ConversionService, *, consumer: str | None = None
+    redis: Redis,
+    settings: Settings,
+    service: ConversionService,
+    *,
+    consumer: str | None = None,
+    metrics: StreamMetrics | None = None,
 ) -> StreamConsumer:
     async def handle_one(message: StreamMessage) -> None:
         await service.apply_prices([_payload(message)])
@@ -37,4 +42,5 @@ def price_consumer(
         consumer=consumer,
         handle_one=handle_one,
         handle_batch=handle_batch,
+        metrics=metrics,
     )

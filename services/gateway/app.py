@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Route
 
 from services.gateway import security
+from services.gateway import tasks as gateway_tasks
 from services.gateway.api import FORWARD_ROUTE, own_routes, router
 from services.gateway.auth import tasks as auth_tasks
 from services.gateway.auth.api import router as auth_router
@@ -19,7 +20,11 @@ from services.gateway.consumers import activity_consumer
 from services.gateway.live.api import router as live_router
 from services.gateway.live.service import LiveHub
 from services.gateway.ratelimit import SlidingWindowLimiter
+from services.gateway.reports.api import router as reports_router
+from services.gateway.reports.service import ReportService
 from services.gateway.service import Upstreams
+from services.gateway.tasks_monitor.api import router as tasks_monitor_router
+from services.gateway.tasks_monitor.service import TaskMonitor
 from services.gateway.web.api import not_found_page
 from services.gateway.web.api import router as web_router
 from services.gateway.web.api import session_router as web_session_router
@@ -27,7 +32,7 @@ from services.gateway.web.service import STATIC as WEB_STATIC
 from services.gateway.web.service import WebService
 from shared.auth import Authenticator, Denylist, build_verifier
 from shared.docs import install_docs
-from shared.jobs import supervise_worker
+from shared.jobs import JobQueue, supervise_worker
 from shared.service_app import Resources, build_service_app
 from shared.settings import Settings
 
@@ -43,19 +48,21 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
         app.state.web = WebService(settings, app.state.auth)
         app.state.upstreams = Upstreams(settings)
+        app.state.reports = ReportService(settings.system_log_file())
+        app.state.tasks_monitor = TaskMonitor(settings, resources.redis, JobQueue(settings))
         hub = LiveHub(
             settings, resources.redis, resources.sessions, app.state.authenticator, app.state.limiter, app.state.auth,
             registry=resources.registry,
         )  # fmt: skip
         app.state.live_hub = hub
         resources.supervisor.start("live-hub", hub.run, check=hub.stall_reason)
-        activity = activity_consumer(resources.redis, settings, resources.sessions)
+        activity = activity_consumer(resources.redis, settings, resources.sessions, metrics=resources.stream_metrics)
         resources.supervisor.start("activity-consumer", activity.run, check=activity.stall_reason)
         supervise_worker(
             resources.supervisor,
             settings,
             "gateway",
-            cron_jobs=auth_tasks.cron_jobs(),
+            cron_jobs=[*auth_tasks.cron_jobs(), *gateway_tasks.cron_jobs()],
             ctx={"settings": settings, "sessions": resources.sessions},
         )
         try:
@@ -63,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await app.state.auth.close()
             await app.state.upstreams.close()
+            await app.state.tasks_monitor.jobs.close()
 
     app = build_service_app(
         "gateway",
@@ -70,11 +78,21 @@ def create_app(settings: Settings) -> FastAPI:
         title="Coinlytics API",
         description="The public API of Coinlytics.",
         # The forwarding catch-all is appended after these, so it never shadows a documented route.
-        routers=[auth_router, router, live_router, web_session_router, web_router],
+        routers=[
+            auth_router,
+            router,
+            live_router,
+            reports_router,
+            tasks_monitor_router,
+            web_session_router,
+            web_router,
+        ],
         lifespan=lifespan,
         serve_docs=False,
     )
-    app.state.own_routes = own_routes(auth_router, router, web_session_router, web_router)
+    app.state.own_routes = own_routes(
+        auth_router, router, reports_router, tasks_monitor_router, web_session_router, web_router
+    )
     # The merged spec is the gateway's own /openapi.json route (services/gateway/api.py).
     install_docs(app, openapi_url="/openapi.json", title="Coinlytics API")
     # The dashboard's stylesheet, scripts and icon (services/gateway/web/static), from this origin only.

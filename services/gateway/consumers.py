@@ -10,13 +10,18 @@ from services.gateway.activity import USER_ACTIVITY_STREAM, ActivityMessage
 from services.gateway.auth import repository
 from shared.db import transaction
 from shared.settings import Settings
-from shared.streams import StreamConsumer, StreamMessage
+from shared.streams import StreamConsumer, StreamMessage, StreamMetrics
 
 GROUP = "gateway-activity"
 
 
 def activity_consumer(
-    redis: Redis, settings: Settings, sessions: async_sessionmaker[AsyncSession], *, consumer: str | None = None
+    redis: Redis,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    consumer: str | None = None,
+    metrics: StreamMetrics | None = None,
 ) -> StreamConsumer:
     async def handle_one(message: StreamMessage) -> None:
         activity = ActivityMessage.from_stream(message.payload())
@@ -33,5 +38,5 @@ def activity_consumer(
 
     return StreamConsumer.configured(
         redis, settings, stream=USER_ACTIVITY_STREAM, group=GROUP, consumer=consumer, handle_one=handle_one,
-        batch_size=100,
+        batch_size=100, metrics=metrics,
     )  # fmt: skip

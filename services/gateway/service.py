@@ -16,6 +16,7 @@ from yarl import URL
 from shared.auth import INTERNAL_HEADERS, Principal, sign_internal
 from shared.errors import BadGateway, GatewayTimeout, NotFound
 from shared.logging import CORRELATION_HEADER, get_correlation_id
+from shared.service_app import ROUTE_HEADER, ROUTE_TEMPLATE_KEY
 from shared.settings import Settings
 
 log = structlog.get_logger("gateway")
@@ -43,7 +44,9 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Set on every response by the gateway itself (its correlation-id middleware, its server): a service's are not
 # passed on, or the client would get each twice.
-OWN_RESPONSE_HEADERS = frozenset({CORRELATION_HEADER, "date", "server"})
+OWN_RESPONSE_HEADERS = frozenset({CORRELATION_HEADER, ROUTE_HEADER, "date", "server"})
+# A route template is short; anything longer is not one of ours.
+MAX_TEMPLATE = 200
 # Never passed on: the token stays at the door, and identity travels only in the gateway's signature.
 STRIPPED = HOP_BY_HOP | {"authorization", "cookie", *INTERNAL_HEADERS}
 GATEWAY_PRINCIPAL = Principal(user_id="gateway", role="service")
@@ -109,6 +112,9 @@ class Upstreams:
                 passed = {
                     k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | OWN_RESPONSE_HEADERS
                 }
+                template = upstream.headers.get(ROUTE_HEADER)
+                if template is not None and template.startswith("/"):
+                    request.scope[ROUTE_TEMPLATE_KEY] = template[:MAX_TEMPLATE]
         except TimeoutError:
             log.warning("upstream_timeout", service=service, path=request.url.path)
             raise GatewayTimeout(

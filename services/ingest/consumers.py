@@ -11,13 +11,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.ingest import repository
 from shared.db import transaction
 from shared.settings import Settings
-from shared.streams import SOURCE_ERRORS_STREAM, PoisonMessage, StreamConsumer, StreamMessage
+from shared.streams import SOURCE_ERRORS_STREAM, PoisonMessage, StreamConsumer, StreamMessage, StreamMetrics
 
 GROUP = "ingest-errors"
 
 
 def source_error_consumer(
-    redis: Redis, settings: Settings, sessions: async_sessionmaker[AsyncSession], *, consumer: str | None = None
+    redis: Redis,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    consumer: str | None = None,
+    metrics: StreamMetrics | None = None,
 ) -> StreamConsumer:
     async def handle_one(message: StreamMessage) -> None:
         payload = message.payload()
@@ -42,5 +47,5 @@ def source_error_consumer(
 
     return StreamConsumer.configured(
         redis, settings, stream=SOURCE_ERRORS_STREAM, group=GROUP, consumer=consumer, handle_one=handle_one,
-        batch_size=100,
+        batch_size=100, metrics=metrics,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
+from services.ingest.metrics import IngestMetrics
 from shared.messages import TickMessage
 from shared.streams import TICKS_STREAM, StreamPublisher
 
@@ -26,10 +27,18 @@ class TickPublisher:
     Redelivered ticks are harmless: pricing stores them keyed by tick id."""
 
     def __init__(
-        self, publisher: StreamPublisher, source: str, max_held: int = MAX_HELD_TICKS, retry_seconds: float = 1.0
+        self,
+        publisher: StreamPublisher,
+        source: str,
+        max_held: int = MAX_HELD_TICKS,
+        retry_seconds: float = 1.0,
+        *,
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self.publisher = publisher
         self.source = source
+        # Counted here, the one place both runners publish through: what reached the stream, not what was read.
+        self.published = metrics.ticks.labels(source) if metrics is not None else None
         self.held: deque[dict[str, Any]] = deque(maxlen=max_held)
         self.dropped = 0
         self.failures = 0
@@ -62,6 +71,8 @@ class TickPublisher:
             return None
         self.held.clear()
         self._failed_at = None
+        if self.published is not None:
+            self.published.inc(len(batch))
         if before:
             log.info("held_ticks_published", source=self.source, count=before)
         return len(batch)

@@ -80,10 +80,16 @@ class CcxtRestSource:
                              request_headers: Any, request_body: Any) -> Any:  # fmt: skip
             body = original(code, reason, url, method, headers, body, request_headers, request_body)
             self.last_status = int(code) if code is not None else None
-            # ccxt hands an unparseable JSON body to the parsers as text, where it may pass silently as
-            # "no tickers"; a body that starts like JSON and does not parse is a broken response.
-            looks_json = isinstance(body, str) and body[:1] in ("{", "[")
-            if looks_json and self.last_status is not None and self.last_status < 300:
+            # ccxt hands an unparseable body to the parsers as text, where it passes silently as "no tickers"
+            # (every market then dropped as unlisted, the source mute until reopened): a success whose body
+            # is not a JSON object or array (garbage, an HTML page, JSON that does not parse) is a broken
+            # response. Leading whitespace is dropped: ccxt only parses a body starting with { or [.
+            if isinstance(body, str) and self.last_status is not None and self.last_status < 300:
+                body = body.lstrip()
+                if body[:1] not in ("{", "["):
+                    raise ccxt_async.BadResponse(
+                        f"{self.name} sent a body that is not JSON ({len(body)} bytes) from {url}"
+                    )
                 try:
                     json.loads(body)
                 except ValueError:

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ingest import repository
+from services.ingest.metrics import IngestMetrics
 from services.ingest.publishing import TickPublisher
 from services.ingest.rest import CcxtRestSource
 from services.ingest.sim import SimSource
@@ -42,17 +43,51 @@ def build_source(
 
 
 class Reporting:
-    """What a runner reports about its source: failures to the error log (Postgres, one transaction each) and
-    its health hash (Redis)."""
+    """What a runner reports about its source: failures to the error log (Postgres, one transaction each), its
+    health hash (Redis), and whether it is connected (the system log's source_connected / source_disconnected /
+    source_error events and the ``ingest_source_up`` gauge)."""
 
     def __init__(
-        self, name: str, *, redis: Redis, sessions: async_sessionmaker[AsyncSession], health: SourceHealth, key: str
+        self,
+        name: str,
+        *,
+        redis: Redis,
+        sessions: async_sessionmaker[AsyncSession],
+        health: SourceHealth,
+        key: str,
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self.reported_name = name
         self.redis = redis
         self.sessions = sessions
         self.health = health
         self.health_key = key
+        self.metrics = metrics
+        self.link_up = False
+        self._set_up_gauge(0)
+
+    def _set_up_gauge(self, value: int) -> None:
+        if self.metrics is not None:
+            self.metrics.source_up.labels(self.reported_name).set(value)
+
+    def _link_connected(self, kind: str, **fields: Any) -> None:
+        """The source delivers: logged once per change from not delivering."""
+        if not self.link_up:
+            self.link_up = True
+            log.info("source_connected", source=self.reported_name, kind=kind, **fields)
+        self._set_up_gauge(1)
+
+    def _link_failed(self, kind: str, reason: str, **fields: Any) -> None:
+        """A failure: the first after the source delivered is its disconnection, the others are errors."""
+        event = "source_disconnected" if self.link_up else "source_error"
+        self.link_up = False
+        log.warning(event, source=self.reported_name, kind=kind, reason=reason, **fields)
+        self._set_up_gauge(0)
+
+    def _link_closed(self) -> None:
+        """Stopped on purpose (switched off, shutting down): not delivering, and not a failure to log."""
+        self.link_up = False
+        self._set_up_gauge(0)
 
     def _count(self, kind: str, n: int = 1) -> None:
         self.health.count(kind, n)
@@ -75,6 +110,7 @@ class SourceRunner(Reporting):
         redis: Redis,
         publisher: StreamPublisher,
         sessions: async_sessionmaker[AsyncSession],
+        metrics: IngestMetrics | None = None,
     ) -> None:
         super().__init__(
             source.name,
@@ -82,11 +118,12 @@ class SourceRunner(Reporting):
             sessions=sessions,
             health=SourceHealth(name=source.name, kind=source.kind),
             key=health_key(settings, source.name),
+            metrics=metrics,
         )
         self.source = source
         self.settings = settings
         self.publisher = publisher
-        self.ticks = TickPublisher(publisher, source.name)
+        self.ticks = TickPublisher(publisher, source.name, metrics=metrics)
         self.opened = False
         self.failures = 0
         # The tracked coins this source quotes; IngestService follows the coins table and updates them.
@@ -114,6 +151,7 @@ class SourceRunner(Reporting):
         finally:
             # Also when the supervisor is about to restart us: the next run opens the source afresh.
             self.opened = False
+            self._link_closed()
             await self.source.close()
 
     async def run_once(self) -> float:
@@ -155,6 +193,7 @@ class SourceRunner(Reporting):
                                      + "; ".join(f"{r.pair}: {r.reason}" for r in items[:5]))  # fmt: skip
         now = datetime.now(UTC).isoformat()
         self.failures = 0
+        self._link_connected(self.source.kind)
         self.health.connected()
         self.health.last_message_at = now if ticks else self.health.last_message_at
         self.health.messages_total += published
@@ -176,7 +215,7 @@ class SourceRunner(Reporting):
         self.health.failed(kind, message, state=FAILURE_STATES.get(kind, SourceState.DOWN), backoff_seconds=delay)
         if kind in REOPEN_KINDS or kind == "unexpected":
             self.opened = False
-        log.warning("source_failed", source=self.source.name, kind=kind, reason=message, retry_in=round(delay, 2))
+        self._link_failed(self.source.kind, message, error_kind=kind, retry_in=round(delay, 2))
         await self._record_error(kind, message)
         await self._store_health()
         return delay

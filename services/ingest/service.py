@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ingest import repository
+from services.ingest.metrics import IngestMetrics
 from services.ingest.runner import SourceRunner, SourceSwitch, build_source
 from services.ingest.ws import WebsocketRunner, build_ws_source
 from services.pricing.coins.repository import active_coins, coins_seeded
@@ -41,11 +42,13 @@ class IngestService:
         redis: Redis,
         publisher: StreamPublisher,
         sessions: async_sessionmaker[AsyncSession],
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.publisher = publisher
         self.sessions = sessions
+        self.metrics = metrics
         self.runners: list[SourceRunner | WebsocketRunner] = []
         self.skipped: dict[str, str] = {}
         self.coins: list[str] = list(settings.coins)
@@ -68,6 +71,7 @@ class IngestService:
                         sessions=self.sessions,
                         health=SourceHealth(name=name, kind=ws_source.kind),
                         health_key=health_key(self.settings, name),
+                        metrics=self.metrics,
                     )
                 )
                 continue
@@ -90,6 +94,7 @@ class IngestService:
                     redis=self.redis,
                     publisher=self.publisher,
                     sessions=self.sessions,
+                    metrics=self.metrics,
                 )
             )
 

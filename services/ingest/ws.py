@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ingest.exchanges import our_symbol, venue_for
 from services.ingest.exchanges.base import ExchangeNotice, MalformedMessage, WsProtocol
+from services.ingest.metrics import IngestMetrics
 from services.ingest.publishing import TickPublisher
 from services.ingest.rest import CcxtRestSource
 from services.ingest.runner import REOPEN_KINDS, Reporting
@@ -127,13 +128,14 @@ class WebsocketRunner(Reporting):
         idle_timeout: float = 60.0,
         heartbeat: float = 20.0,
         ping_after: float | None = None,
+        metrics: IngestMetrics | None = None,
     ) -> None:
-        super().__init__(source.name, redis=redis, sessions=sessions, health=health, key=health_key)
+        super().__init__(source.name, redis=redis, sessions=sessions, health=health, key=health_key, metrics=metrics)
         self.source = source
         self.protocol = source.protocol
         self.settings = settings
         self.publisher = publisher
-        self.ticks = TickPublisher(publisher, source.name)
+        self.ticks = TickPublisher(publisher, source.name, metrics=metrics)
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.idle_timeout = idle_timeout
@@ -188,6 +190,7 @@ class WebsocketRunner(Reporting):
                     await self._went_down(ended, delay)
                     await self._fallback_until(stop, delay)
             finally:
+                self._link_closed()
                 await self.source.close()
 
     async def _connect_and_stream(self, session: aiohttp.ClientSession) -> _SocketEnded:
@@ -203,7 +206,7 @@ class WebsocketRunner(Reporting):
                     await ws.send_str(message)
                 self.connections += 1
                 self.health.connected()
-                log.info("ws_connected", source=self.source.name, url=url.split("?")[0], pairs=len(pairs))
+                self._link_connected("ws", url=url.split("?")[0], pairs=len(pairs))
                 if self.connections > 1:
                     self.health.reconnects += 1
                     # Quotes that changed while the socket was down: one REST poll before reading on.
@@ -322,7 +325,7 @@ class WebsocketRunner(Reporting):
             self.failures = 1
             delay = min(delay, self.backoff_base)
         self.health.failed(ended.kind, str(ended), state=SourceState.DOWN, backoff_seconds=delay)
-        log.warning("ws_down", source=self.source.name, kind=ended.kind, reason=str(ended), retry_in=round(delay, 2))
+        self._link_failed("ws", str(ended), error_kind=ended.kind, retry_in=round(delay, 2))
         await self._record_error(f"ws_{ended.kind}", str(ended))
         await self._save_health(force=True)
 
@@ -350,11 +353,14 @@ class WebsocketRunner(Reporting):
             if exc.kind in REOPEN_KINDS:
                 self.rest_open = False
             self._count(f"rest_{exc.kind}")
-            log.warning("rest_poll_failed", source=self.source.name, why=why, kind=exc.kind, reason=str(exc))
+            # Not a change of the link (the socket's state is what source_connected/disconnected follow).
+            log.warning("source_error", source=self.source.name, kind="rest", reason=str(exc), why=why,
+                        error_kind=exc.kind)  # fmt: skip
             await self._record_error(f"rest_{exc.kind}", f"{why}: {exc}")
             return
         except Exception as exc:
-            log.exception("rest_poll_unexpected", source=self.source.name, why=why)
+            log.exception("source_error", source=self.source.name, kind="rest", reason=f"{type(exc).__name__}: {exc}",
+                          why=why, error_kind="unexpected")  # fmt: skip
             await self._record_error("rest_unexpected", f"{why}: {type(exc).__name__}: {exc}")
             return
         if await self._publish(ticks) is not None:

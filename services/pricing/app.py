@@ -59,13 +59,14 @@ def create_app(settings: Settings) -> FastAPI:
             publisher=resources.publisher,
             cache=PriceCache(resources.redis, settings),
             coins=coins,
+            registry=resources.registry,
         )
         app.state.pricing = service
         app.state.coins = coins
         app.state.history = HistoryService(resources.sessions, vs_currencies=settings.vs_currencies)
         async with transaction(resources.sessions) as session:
             await repository.seed_coins(session, settings.coins)
-        consumer = tick_consumer(resources.redis, settings, service)
+        consumer = tick_consumer(resources.redis, settings, service, metrics=resources.stream_metrics)
         app.state.tick_consumer = consumer
         supervisor = resources.supervisor
         supervisor.start("tick-consumer", consumer.run, check=consumer.stall_reason)

@@ -7,13 +7,18 @@ from redis.asyncio import Redis
 from services.pricing.service import PricingService
 from shared.messages import TickMessage
 from shared.settings import Settings
-from shared.streams import TICKS_STREAM, StreamConsumer, StreamMessage
+from shared.streams import TICKS_STREAM, StreamConsumer, StreamMessage, StreamMetrics
 
 GROUP = "pricing"
 
 
 def tick_consumer(
-    redis: Redis, settings: Settings, service: PricingService, *, consumer: str | None = None
+    redis: Redis,
+    settings: Settings,
+    service: PricingService,
+    *,
+    consumer: str | None = None,
+    metrics: StreamMetrics | None = None,
 ) -> StreamConsumer:
     async def handle_one(message: StreamMessage) -> None:
         await service.apply_ticks([TickMessage.from_json(message.fields.get("data"))])
@@ -31,4 +36,5 @@ def tick_consumer(
         consumer=consumer,
         handle_one=handle_one,
         handle_batch=handle_batch,
+        metrics=metrics,
     )

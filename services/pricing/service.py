@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -41,6 +42,8 @@ OUTBOX_POLL_SECONDS = 1.0
 # outbox delete failed to commit after its publish; the next relay runs as soon as PostgreSQL answers again,
 # so minutes are plenty, and a day of markers (one key per event) would cost Redis hundreds of MB.
 PUBLISHED_MARKER_TTL_SECONDS = 900
+# From a websocket frame's few milliseconds to a REST poll's interval plus a slow transaction.
+CONSOLIDATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class PriceCache:
@@ -115,6 +118,7 @@ class PricingService:
         publisher: StreamPublisher,
         cache: PriceCache,
         coins: CoinsService | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -128,6 +132,12 @@ class PricingService:
         self._relay_lock = asyncio.Lock()
         self._relay_wanted = asyncio.Event()
         self.relayed = 0
+        self.consolidation_latency = Histogram(
+            "pricing_consolidation_seconds",
+            "From a tick's receipt by ingest to the consolidated price it moved reaching the prices stream",
+            buckets=CONSOLIDATION_BUCKETS,
+            registry=registry,
+        )
 
     async def apply_ticks(self, ticks: Sequence[TickMessage]) -> list[dict[str, Any]]:
         """Store ticks and re-consolidate the coins they touch. Idempotent: a tick seen before is skipped.
@@ -143,8 +153,18 @@ class PricingService:
             await repository.upsert_source_quotes(session, fresh_ticks)
             payloads = await self._reconsolidate(session, {t.base for t in fresh_ticks}, now)
             await self._stage(session, payloads)
-        await self._relay_after_commit()
+        if await self._relay_after_commit() and payloads:
+            self._observe_latency(fresh_ticks, {p["base"] for p in payloads})
         return payloads
+
+    def _observe_latency(self, ticks: Sequence[TickMessage], published: set[str]) -> None:
+        """One observation per tick whose coin got a published price. A price deferred to the background relay
+        is not observed: its delay is the outage's, which the outbox stall check reports."""
+        at = datetime.now(UTC)
+        for tick in ticks:
+            if tick.base in published:
+                # Clipped at 0: ingest's clock may run a little ahead of ours.
+                self.consolidation_latency.observe(max((at - tick.received_at).total_seconds(), 0.0))
 
     async def refresh(self, bases: Iterable[str]) -> list[dict[str, Any]]:
         """Re-evaluate freshness without new ticks (a silent source ages out); announces what changed."""
@@ -182,8 +202,8 @@ class PricingService:
             payload["event_id"] = str(uuid.uuid4())
         await repository.add_outbox(session, [(p["event_id"], p) for p in payloads])
 
-    async def _relay_after_commit(self) -> None:
-        """Hand the committed events on at once; if Redis refuses, the background relay retries."""
+    async def _relay_after_commit(self) -> bool:
+        """Hand the committed events on at once (True); if Redis refuses, the background relay retries (False)."""
         try:
             await self.relay_pending()
         except Exception as exc:
@@ -191,6 +211,8 @@ class PricingService:
             # supervisor (not this consumer) hears about errors that are not a passing outage.
             log.warning("price_events_deferred", error=f"{type(exc).__name__}: {exc}", retry="outbox relay")
             self._relay_wanted.set()
+            return False
+        return True
 
     async def relay_pending(self, batch: int = OUTBOX_BATCH) -> int:
         """Publish every staged event in order (cache, then stream, each event id at most once) and remove

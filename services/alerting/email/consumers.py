@@ -9,20 +9,23 @@ from redis.asyncio import Redis
 
 from services.alerting.email.service import EmailSender, EmailUnconfigured
 from shared.settings import Settings
-from shared.streams import EMAILS_STREAM, PoisonMessage, StreamConsumer, StreamMessage
+from shared.streams import EMAILS_STREAM, PoisonMessage, StreamConsumer, StreamMessage, StreamMetrics
 
 log = structlog.get_logger("alerting.email")
 SENT_TTL_SECONDS = 7 * 24 * 3600
 
 
 class EmailConsumer:
-    def __init__(self, settings: Settings, redis: Redis, sender: EmailSender) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis, sender: EmailSender, *, metrics: StreamMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.sender = sender
         self.consumer = StreamConsumer.configured(
-            redis, settings, stream=EMAILS_STREAM, group="alerting-email", handle_one=self.handle, batch_size=50
-        )
+            redis, settings, stream=EMAILS_STREAM, group="alerting-email", handle_one=self.handle, batch_size=50,
+            metrics=metrics,
+        )  # fmt: skip
 
     async def handle(self, message: StreamMessage) -> None:
         payload = message.payload()

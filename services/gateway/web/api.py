@@ -41,6 +41,7 @@ PAGES = (
     ("/register", "register.html", "Create an account"),
     ("/reset-password", "reset.html", "Reset your password"),
     ("/admin", "admin.html", "Administration"),
+    ("/admin/tasks", "tasks.html", "Task monitor"),
 )
 
 

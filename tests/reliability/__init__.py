@@ -1,0 +1,1 @@
+"""Fault scenarios against the real platform (``make reliability``); the harness is ``platform.py``."""
