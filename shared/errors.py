@@ -3,6 +3,7 @@ render the contract's shape ``{"error": {"code", "message", "details"}}`` for ev
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 import structlog
@@ -209,9 +210,10 @@ def store_unavailable(exc: BaseException) -> str | None:
             return "the database"
         if isinstance(current, ConnectionError | TimeoutError) or type(current).__name__ in _DRIVER_CONNECTION_ERRORS:
             return "Redis" if isinstance(current, RedisError) else "the database"
-        if isinstance(current, FileNotFoundError) and current.filename is None:
+        if isinstance(current, FileNotFoundError) and current.filename is None and current.errno == errno.ENOENT:
             # Connecting to PostgreSQL's unix socket (the embedded server's) while it is stopped: the socket
-            # file is gone. Opening a missing file names it; a socket connect does not.
+            # file is gone. Opening a missing file names it; a socket connect does not; a FileNotFoundError
+            # raised by our own code carries no errno.
             return "the database"
         current = current.__cause__ or current.__context__
     return None

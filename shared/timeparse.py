@@ -63,7 +63,8 @@ def parse_since(value: str, name: str, now: datetime) -> datetime:
     """A window's start: a span back from ``now`` ("15m", "24h", "7d") or a moment as ``parse_time`` takes it."""
     text = value.strip().lower()
     unit = _SPAN_UNITS.get(text[-1:]) if text else None
-    if unit is not None and text[:-1].isdigit() and len(text) <= 12:
+    # isascii too: str.isdigit() accepts "²", which int() refuses.
+    if unit is not None and text[:-1].isascii() and text[:-1].isdigit() and len(text) <= 12:
         seconds = int(text[:-1]) * unit
         if seconds <= 0 or seconds > (now - EARLIEST).total_seconds():
             raise ValidationFailed(

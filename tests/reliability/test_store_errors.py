@@ -35,3 +35,8 @@ def test_a_missing_file_is_still_a_bug_not_an_outage(tmp_path):
     with pytest.raises(FileNotFoundError) as missing:
         (tmp_path / "absent.json").read_text()
     assert store_unavailable(missing.value) is None
+
+
+def test_a_file_not_found_raised_by_our_own_code_is_a_bug_not_an_outage():
+    # No errno and no filename: only the socket connect's ENOENT means the database is gone.
+    assert store_unavailable(FileNotFoundError("no rule file for this coin")) is None
