@@ -3,13 +3,20 @@ consolidation (and candle, where the history hook is present) and a published pr
 
 Baseline, measured in the same run on the same rows: redis-py pipelined XADD, XREADGROUP, XACK, and an
 asyncpg COPY of the rows into a plain table, with no logic at all.
+
+Also, in the same run: two pricing shards (COINLYTICS_PRICING_SHARDS=2), each its own process reading its own
+``ticks.<shard>`` stream with its half of the coins, against the same database, started together; the figure is
+their summed rate. The gain over one shard is bounded by the machine's cores (reported with the figure), since
+PostgreSQL, Redis and the bench share them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +31,8 @@ from services.pricing.consumers import tick_consumer
 from services.pricing.service import PriceCache, PricingService
 from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
-from shared.streams import TICKS_STREAM, StreamPublisher, encode
+from shared.sharding import owned, ticks_stream
+from shared.streams import StreamPublisher, encode
 
 BATCH = 1000
 COINS = ["BTC", "ETH", "LTC", "XRP", "ADA", "DOGE", "LINK", "DOT", "SOL", "AVAX"]
@@ -116,17 +124,36 @@ async def baseline(redis: Redis, dsn: str, rows: list[dict[str, Any]], seconds: 
 
 
 async def pipeline(
-    redis: Redis, database_url: str, redis_url: str, rows: list[dict[str, Any]], seconds: float
+    redis: Redis,
+    database_url: str,
+    redis_url: str,
+    rows: list[dict[str, Any]],
+    seconds: float,
+    *,
+    shard: int = 0,
+    shards: int = 1,
+    namespace: str | None = None,
+    start_at: float | None = None,
 ) -> float:
-    settings = bench_settings(database_url, redis_url, stream_batch_size=BATCH, coins=COINS)
+    """One pricing shard's rate: publish a batch of its coins' ticks to its stream, consume it, repeat."""
+    overrides: dict[str, object] = {"stream_batch_size": BATCH, "coins": COINS, "pricing_shards": shards}
+    if namespace is not None:
+        overrides["redis_namespace"] = namespace
+    settings = bench_settings(database_url, redis_url, shard=str(shard), **overrides)
+    mine = set(owned(COINS, shard, shards))
+    rows = [r for r in rows if r["base"] in mine]
+    stream = ticks_stream(shard, shards)
     engine = create_engine(database_url)
     publisher = StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=200_000)
     service = PricingService(
         settings, sessions=session_factory(engine), publisher=publisher, cache=PriceCache(redis, settings)
     )
-    consumer = tick_consumer(redis, settings, service, consumer="bench")
+    consumer = tick_consumer(redis, settings, service, consumer=f"bench-{shard}")
     consumer.block_ms = 50
     await consumer.ensure_group()
+    if start_at is not None:
+        # Shards in other processes start on the same wall-clock instant, so their rates add up.
+        await asyncio.sleep(max(start_at - time.time(), 0.0))
     offset = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -137,12 +164,57 @@ async def pipeline(
             row["tick_id"] = f"{row['tick_id']}:{offset + j}"
             batch.append(row)
         offset += BATCH
-        await publisher.publish_many(TICKS_STREAM, batch)
+        await publisher.publish_many(stream, batch)
         await consumer.step()
     elapsed = time.perf_counter() - started
     processed = consumer.processed
     await engine.dispose()
     return processed / elapsed
+
+
+def _shard_process(
+    database_url: str, redis_url: str, rows: list[dict[str, Any]], seconds: float, shard: int, shards: int,
+    namespace: str, start_at: float,
+) -> float:  # fmt: skip
+    async def main() -> float:
+        redis = Redis.from_url(redis_url)
+        try:
+            return await pipeline(
+                redis, database_url, redis_url, rows, seconds, shard=shard, shards=shards, namespace=namespace,
+                start_at=start_at,
+            )  # fmt: skip
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+async def sharded_pipeline(database_url: str, redis_url: str, rows: list[dict[str, Any]], seconds: float) -> float:
+    """Two pricing shards, one process each, on one database: their summed ticks/s."""
+    import multiprocessing
+
+    shards = 2
+    namespace = f"bench-shards-{time.time_ns()}"
+    # Time for both processes to start and connect before the common start.
+    start_at = time.time() + 5.0
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(max_workers=shards, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rates = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    pool, _shard_process, database_url, redis_url, rows, seconds, i, shards, namespace, start_at
+                )
+                for i in range(shards)
+            )
+        )
+    redis = Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in redis.scan_iter(match=f"{namespace}:*")]
+        if keys:
+            await redis.delete(*keys)
+    finally:
+        await redis.aclose()
+    return sum(rates)
 
 
 async def run(*, database_url: str, redis_url: str, quick: bool) -> list[Figure]:
@@ -154,8 +226,12 @@ async def run(*, database_url: str, redis_url: str, quick: bool) -> list[Figure]
             dsn = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
             base_rate = await baseline(redis, dsn, rows, seconds, ns=f"bench-baseline-{time.time_ns()}")
             rate = await pipeline(redis, db_url, redis_url, rows, seconds)
+        # A fresh database, so the two shards start from the same empty tables the one shard did.
+        async with scratch_database(database_url) as db_url:
+            two_rate = await sharded_pipeline(db_url, redis_url, rows, seconds)
     finally:
         await redis.aclose()
+    cores = os.cpu_count() or 1
     return [
         Figure(
             name=f"pipeline ticks/s (sustained {seconds:.0f}s)",
@@ -164,7 +240,15 @@ async def run(*, database_url: str, redis_url: str, quick: bool) -> list[Figure]
             baseline_name="XADD+XREADGROUP+COPY, no logic",
             baseline_value=base_rate,
             target=">= 30,000/s and >= 0.4 x baseline",
-        )
+        ),
+        Figure(
+            name=f"pipeline ticks/s, two pricing shards (2 processes, {cores} cores)",
+            value=two_rate,
+            unit="ticks/s",
+            baseline_name="one pricing shard, same run",
+            baseline_value=rate,
+            target=f"reported; the gain is bounded by {cores} cores shared with PostgreSQL and Redis",
+        ),
     ]
 
 

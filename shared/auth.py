@@ -31,10 +31,15 @@ log = structlog.get_logger("auth")
 
 TokenType = Literal["access", "refresh"]
 Role = Literal["anonymous", "user", "admin", "service"]
+# How the gateway identified the caller: a bearer token or the dashboard's cookie ("token"), or a personal
+# API key ("api_key": never an administrator, whatever the owner's role).
+AuthMethod = Literal["token", "api_key"]
 LOCAL_ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "jti", "sub")
 TOKEN_URL = "/api/v1/auth/login"  # noqa: S105 - a path
 INTERNAL_HEADERS = ("x-coinlytics-user", "x-coinlytics-role", "x-coinlytics-ts", "x-coinlytics-sig")
+_INTERNAL_HEADER_BYTES = frozenset(name.encode() for name in INTERNAL_HEADERS)
+_EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 # Declares the bearer scheme in each OpenAPI spec, so the merged spec's "Authorize" button covers every route.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
@@ -51,6 +56,7 @@ class Principal:
     jti: str | None = None
     family: str | None = None
     expires_at: int | None = None
+    auth_method: AuthMethod = "token"
 
     @property
     def is_admin(self) -> bool:
@@ -245,20 +251,48 @@ class Denylist:
         return any(value is not None for value in await self.redis.mget(keys))
 
 
+# How long a verified token's principal is reused without checking its signature again (never past its
+# expiry), and how many are kept.
+VERIFIED_TTL_SECONDS = 30.0
+VERIFIED_MAX_ENTRIES = 10_000
+
+
 class Authenticator:
-    """Token verification plus the denylist: the one check every service uses for a bearer token."""
+    """Token verification plus the denylist: the one check every service uses for a bearer token.
+
+    A token that verified is remembered for a short while (keyed by a digest of the whole token, so only
+    the very same signed token matches; never past its ``exp``): the same caller's next requests skip the
+    signature and claims checks. The denylist is still asked on every request, so a revocation holds on
+    every replica as soon as the revoking call returned."""
 
     def __init__(self, verifier: TokenVerifier, denylist: Denylist) -> None:
         self.verifier = verifier
         self.denylist = denylist
+        self._verified: dict[bytes, tuple[Principal, float]] = {}
 
-    async def authenticate(self, token: str) -> Principal:
+    async def _verified_principal(self, token: str) -> Principal:
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        now = time.time()
+        cached = self._verified.get(digest)
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._verified[digest]
         try:
             claims = await self.verifier.verify(token, expected_type="access")
         except TokenError as exc:
             log.info("token_rejected", reason=str(exc)[:200])
             raise Unauthorized("invalid or expired token", headers={"WWW-Authenticate": "Bearer"}) from None
         principal = self.verifier.principal(claims)
+        valid_until = min(now + VERIFIED_TTL_SECONDS, float(principal.expires_at or now))
+        if valid_until > now:
+            if len(self._verified) >= VERIFIED_MAX_ENTRIES:
+                del self._verified[next(iter(self._verified))]  # the oldest entry
+            self._verified[digest] = (principal, valid_until)
+        return principal
+
+    async def authenticate(self, token: str) -> Principal:
+        principal = await self._verified_principal(token)
         if await self.denylist.is_denied(principal):
             raise Unauthorized("the token has been revoked", headers={"WWW-Authenticate": "Bearer"})
         return principal
@@ -278,7 +312,8 @@ def bearer_token(authorization: str | None) -> str | None:
 
 def _internal_payload(method: str, path: str, query: str, body: bytes, timestamp: str, user: str, role: str) -> bytes:
     # A JSON array, so no field's content (a path may hold a decoded newline) can shift another's boundary.
-    fields = ["coinlytics-internal-v2", method.upper(), path, query, hashlib.sha256(body).hexdigest(), timestamp]
+    digest = hashlib.sha256(body).hexdigest() if body else _EMPTY_BODY_SHA256
+    fields = ["coinlytics-internal-v2", method.upper(), path, query, digest, timestamp]
     return json.dumps([*fields, user, role]).encode()
 
 
@@ -353,11 +388,14 @@ class InternalAuthMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        # Only the credential's own headers are decoded (the last of a repeated one counts, as before).
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", []) if k in _INTERNAL_HEADER_BYTES
+        }
         method = scope.get("method", "GET") if scope["type"] == "http" else "WS"
         public = path.startswith("/api/v1/")
         principal = ANONYMOUS
-        if any(name in headers for name in INTERNAL_HEADERS):
+        if headers:
             body = b""
             if scope["type"] == "http":
                 read = await _read_body(receive, self.settings.max_body_bytes)

@@ -15,7 +15,11 @@ namespace (``<ns>`` is ``settings.redis_namespace``, built with ``settings.key``
   ``completed``, ``failed``), ``enqueued_at``, ``started_at``, ``finished_at`` (ISO 8601 UTC),
   ``duration_ms``, ``attempt``, ``max_tries``, ``will_retry`` (1/0), ``error`` (truncated), ``args`` and
   ``kwargs`` (JSON, or their repr when they are not JSON-serialisable: ``args_json`` 1/0 says which), and for
-  a manual retry ``retry_of`` (on the new job) and ``retried_as`` (on the failed one).
+  a manual retry ``retry_of`` (on the new job) and ``retried_as`` (on the failed one, set with HSETNX before
+  the new job is enqueued: one retry per failed job, however many administrators click).
+  arq settles some jobs without calling the wrapper (a worker killed mid-job whose job has no try left when
+  the next worker takes it, an abort before the start, an expired job): their record stays ``running`` or
+  ``queued``; the monitor reads the outcome from arq's result (or, gone, reports the worker's death).
 - ``<ns>:tasks:queue:<queue>:running``: sorted set, job id -> start (Unix ms).
 - ``<ns>:tasks:queue:<queue>:completed`` and ``...:failed``: sorted sets, job id -> finish (Unix ms), each the
   last 1000 of the past 24 h (failures apart, so a busy cron job's successes never push them out).
@@ -35,7 +39,6 @@ import contextlib
 import dataclasses
 import json
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
@@ -80,6 +83,8 @@ WORKER_MAX_TRIES = 5
 # The wrapper enforces a job's timeout itself, so that it can tell a timeout (a failure) from a cancellation
 # (the worker stopping: arq runs the job again); arq's own timeout is set this much later and never fires first.
 TIMEOUT_GRACE = 5.0
+# arq keeps a started job's in-progress key this long past the worker's longest job timeout (its own constant).
+ARQ_IN_PROGRESS_EXTRA = 10.0
 JOB_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 CRON_FIELDS = ("month", "day", "weekday", "hour", "minute", "second")
 
@@ -114,7 +119,8 @@ class TaskKeys:
         return [self.counts(queue, now - timedelta(hours=h)) for h in range(COUNT_WINDOW_HOURS)]
 
 
-def _truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis saying so (records stay small, errors readable)."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -128,7 +134,7 @@ def encode_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[st
     else:
         if len(args_text) <= ARGS_MAX_CHARS and len(kwargs_text) <= ARGS_MAX_CHARS:
             return args_text, kwargs_text, True
-    return _truncate(args_text, ARGS_MAX_CHARS), _truncate(kwargs_text, ARGS_MAX_CHARS), False
+    return truncate(args_text, ARGS_MAX_CHARS), truncate(kwargs_text, ARGS_MAX_CHARS), False
 
 
 def cron_schedule(job: CronJob) -> str:
@@ -146,6 +152,13 @@ def cron_schedule(job: CronJob) -> str:
     return " ".join(f"{name}={value(v)}" for name, v in spec.items())
 
 
+def in_progress_expiry(job_timeout: float) -> float:
+    """Seconds arq's in-progress key of a job lasts once a worker takes it, for a worker whose longest job
+    timeout (``supervise_worker``'s ``job_timeout`` or a function's own) is ``job_timeout``: a job whose worker
+    died waits that long before another worker may take it (and run it again, or fail it: no try left)."""
+    return job_timeout + TIMEOUT_GRACE + ARQ_IN_PROGRESS_EXTRA
+
+
 def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
 
@@ -161,18 +174,12 @@ class JobMetrics:
         self.total = Counter("jobs_total", "Runs of arq jobs", ["task", "queue", "outcome"], registry=registry)
 
     @classmethod
-    def of(cls, registry: CollectorRegistry | None) -> JobMetrics:
-        if registry is None:
-            return cls(None)  # counted, exported nowhere
-        found = _JOB_METRICS.get(registry)
-        if found is None:
-            found = _JOB_METRICS[registry] = cls(registry)
-        return found
-
-
-# A registry refuses a metric name twice; a service with two workers (alerting) shares one set. Weak: a
-# finished app's registry (tests build many) goes with it.
-_JOB_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, JobMetrics] = weakref.WeakKeyDictionary()
+    def of(cls, supervisor: Supervisor) -> JobMetrics:
+        """The set of ``supervisor``'s registry, kept on the supervisor: a service with two workers (alerting)
+        shares one."""
+        if supervisor.job_metrics is None:
+            supervisor.job_metrics = cls(supervisor.registry)  # registry None: counted, exported nowhere
+        return supervisor.job_metrics
 
 
 class TaskRecorder:
@@ -191,7 +198,7 @@ class TaskRecorder:
                     await pipe.execute()
         except Exception as exc:
             log.warning("task_record_failed", queue=self.queue, job_id=job_id, what=what,
-                        error=_truncate(f"{type(exc).__name__}: {exc}", ERROR_MAX_CHARS))  # fmt: skip
+                        error=truncate(f"{type(exc).__name__}: {exc}", ERROR_MAX_CHARS))  # fmt: skip
 
     async def started(self, redis: Redis, job_id: str, fields: Mapping[str, str | int | float], at: datetime) -> None:
         key, running = self.keys.job(job_id), self.keys.running(self.queue)
@@ -207,11 +214,19 @@ class TaskRecorder:
         await self._write(redis, "started", job_id, build)
 
     async def finished(
-        self, redis: Redis, job_id: str, outcome: str, fields: Mapping[str, str | int | float], at: datetime
+        self,
+        redis: Redis,
+        job_id: str,
+        outcome: str,
+        fields: Mapping[str, str | int | float],
+        at: datetime,
+        status: str | None = None,
     ) -> None:
-        """``outcome``: completed, failed, or retried (the job waits in arq's queue for its next attempt)."""
+        """``outcome``: completed, failed, or retried (the job waits in arq's queue for its next attempt), as
+        counted; ``status``: the record's, when it is not the outcome's (a last try cut short by a stopping
+        worker has failed, but arq keeps it queued until a worker takes it again and fails it)."""
         key = self.keys.job(job_id)
-        status = "queued" if outcome == "retried" else outcome
+        status = status or ("queued" if outcome == "retried" else outcome)
         counts = self.keys.counts(self.queue, at)
 
         def build(pipe: Pipeline) -> None:
@@ -247,7 +262,7 @@ class TaskRecorder:
                     await redis.hset(self.keys.cron(self.queue), mapping=merged)
         except Exception as exc:
             log.warning("task_record_failed", queue=self.queue, what="announce",
-                        error=_truncate(f"{type(exc).__name__}: {exc}", ERROR_MAX_CHARS))  # fmt: skip
+                        error=truncate(f"{type(exc).__name__}: {exc}", ERROR_MAX_CHARS))  # fmt: skip
 
     async def cron_ran(self, redis: Redis, name: str, entry: Mapping[str, Any]) -> None:
         key = self.keys.cron(self.queue)
@@ -269,6 +284,8 @@ class _WorkerMonitor:
         self.queue = recorder.queue
         self.crons: list[CronJob] = []
         self.timezone: tzinfo = UTC
+        # The arq worker running the wrapped functions, once built: it tells an abort from a stop.
+        self.worker: Worker | None = None
 
     def function(self, item: Any) -> Function:
         function = func(item)
@@ -336,7 +353,7 @@ class _WorkerMonitor:
                     "args_json": int(as_json),
                 }  # fmt: skip
                 await recorder.started(redis, job_id, fields, started_at)
-            outcome, error = "failed", "the job was interrupted"
+            outcome, error, status = "failed", "the job was interrupted", None
             deadline = asyncio.timeout(timeout or None)
             try:
                 async with deadline:
@@ -344,9 +361,17 @@ class _WorkerMonitor:
                 outcome, error = "completed", ""
                 return result
             except asyncio.CancelledError:
-                # The worker is stopping (or the job was aborted): arq runs it again while tries remain.
-                outcome = "retried" if attempt < max_tries else "failed"
-                error = "CancelledError: the worker stopped during the job"
+                if self.worker is not None and job_id in self.worker.aborting_tasks:
+                    # Job.abort(): arq finishes the job as failed, it never runs again.
+                    outcome, error = "failed", "CancelledError: the job was aborted"
+                else:
+                    # The worker is stopping: arq keeps the job queued; the next worker to take it runs it
+                    # while tries remain, else fails it without calling this wrapper (the monitor reads that
+                    # from arq's result).
+                    outcome, status = ("retried" if attempt < max_tries else "failed"), "queued"
+                    error = "CancelledError: the worker stopped during the job"
+                    if outcome == "failed":
+                        error += " (its last try: arq fails it when a worker takes it again)"
                 raise
             except Exception as exc:
                 if isinstance(exc, Retry):
@@ -363,7 +388,7 @@ class _WorkerMonitor:
             finally:
                 finished_at = datetime.now(UTC)
                 duration_ms = round((time.perf_counter() - clock) * 1000, 3)
-                error = _truncate(error, ERROR_MAX_CHARS)
+                error = truncate(error, ERROR_MAX_CHARS)
                 if outcome == "completed":
                     log.info("task_completed", task=task, job_id=job_id, queue=queue, attempt=attempt,
                              duration_ms=duration_ms)  # fmt: skip
@@ -379,7 +404,7 @@ class _WorkerMonitor:
                         "finished_at": iso_z(finished_at), "duration_ms": duration_ms, "error": error,
                         "will_retry": int(outcome == "retried"),
                     }  # fmt: skip
-                    await recorder.finished(redis, job_id, outcome, done, finished_at)
+                    await recorder.finished(redis, job_id, outcome, done, finished_at, status)
                     if cron is not None:
                         entry = self.cron_entry(cron, datetime.now(self.timezone))
                         entry.update(last_run=iso_z(started_at), last_status=outcome, last_job_id=job_id,
@@ -411,7 +436,7 @@ def supervise_worker(
     if not functions and not cron_jobs:
         return  # arq refuses a worker with nothing to run
     recorder = TaskRecorder(settings, service)
-    metrics = JobMetrics.of(supervisor.registry)
+    metrics = JobMetrics.of(supervisor)
 
     async def run(stop: asyncio.Event) -> None:
         monitor = _WorkerMonitor(recorder, metrics, job_timeout)
@@ -432,8 +457,10 @@ def supervise_worker(
             handle_signals=False,
             max_jobs=max_jobs,
             max_tries=WORKER_MAX_TRIES,
-            # A worker that dies mid-job leaves it "in progress" for this long plus 10 s; then it runs again.
+            # A worker that dies mid-job leaves it "in progress" for in_progress_expiry(the longest timeout).
             job_timeout=job_timeout + TIMEOUT_GRACE,
+            # Job(job_id, redis).abort() cancels a job: recorded as failed (arq never runs it again).
+            allow_abort_jobs=True,
             keep_result=3600,
             health_check_key=queue_name(settings, service) + ":health",
             # arq polls its queue (no blocking pop): how long a queued job may wait for the worker to look.
@@ -441,6 +468,7 @@ def supervise_worker(
             on_startup=announce,
         )
         monitor.timezone = worker.timezone or UTC
+        monitor.worker = worker
         log.info("job_worker_started", service=service, queue=queue_name(settings, service),
                  cron=[getattr(c, "name", str(c)) for c in cron_jobs])  # fmt: skip
         main = asyncio.create_task(worker.async_run(), name=f"arq:{service}")

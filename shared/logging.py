@@ -13,11 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.system_log import SystemLog
+from shared.system_log import SystemLog, encode_line
 
 CORRELATION_HEADER = "x-correlation-id"
 _correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
@@ -102,6 +101,26 @@ _CONSOLE_MESSAGES: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+# What a console line must not carry raw: C0 controls, DEL, C1 controls (U+0085 is a line break to
+# str.splitlines, U+009B a CSI to some terminals) and the Unicode line and paragraph separators. Values such
+# as a request's path are the caller's (percent-decoded) input: a raw newline would let it forge a line of
+# its own (CWE-117), an ESC would drive the terminal. Written as \n, \r, \t, \xNN, \u2028, \u2029.
+_CONSOLE_ESCAPES: dict[int, str] = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def console_escape(text: str) -> str:
+    # isprintable() is false for every character above (and for a few harmless ones, left as they are by
+    # translate): one C-level scan on the usual line, which has none.
+    return text if text.isprintable() else text.translate(_CONSOLE_ESCAPES)
+
+
 def _generic_message(record: dict[str, Any]) -> str:
     name = str(record.get("event", "")).replace("_", " ")
     fields = " ".join(f"{k}={v}" for k, v in record.items() if k not in _CONSOLE_HIDDEN)
@@ -110,9 +129,17 @@ def _generic_message(record: dict[str, Any]) -> str:
 
 
 def console_line(record: dict[str, Any]) -> str:
-    """``[2026-12-01 13:55:00] [INFO] Request started: GET /api/v1/coins`` (UTC)."""
-    stamp = str(record.get("timestamp", ""))
-    when = f"{stamp[:10]} {stamp[11:19]}"
+    """``[2026-12-01 13:55:00] [INFO] Request started: GET /api/v1/coins`` (UTC). One line whatever the values
+    hold (control characters escaped); a stack or traceback follows on lines indented by four spaces, so no
+    line of it can pass for a line of its own."""
+    stamp = record.get("timestamp")
+    if isinstance(stamp, datetime):
+        if stamp.utcoffset():  # ours is UTC already; an event's own timestamp= field may not be
+            stamp = stamp.astimezone(UTC)
+        when = stamp.isoformat(" ", "seconds")[:19]  # a third of strftime's time, on every console line
+    else:
+        text = str(stamp or "")
+        when = f"{text[:10]} {text[11:19]}"
     template = _CONSOLE_MESSAGES.get(str(record.get("event")))
     message = None
     if template is not None:
@@ -120,22 +147,13 @@ def console_line(record: dict[str, Any]) -> str:
             message = template(record)
         except Exception:  # a field missing or of another type: the generic form still says everything
             message = None
-    line = f"[{when}] [{str(record.get('level', '')).upper()}] {message or _generic_message(record)}"
+    level = str(record.get("level", "")).upper()
+    line = console_escape(f"[{when}] [{level}] {message or _generic_message(record)}")
     for extra in ("stack", "exception"):
         if record.get(extra):
-            line += "\n" + str(record[extra])
+            for part in str(record[extra]).splitlines():
+                line += "\n    " + console_escape(part)
     return line
-
-
-def _json_default(value: object) -> str:
-    return str(value)  # Decimal, Path, exceptions...: their text
-
-
-def json_line(record: dict[str, Any]) -> bytes:
-    try:
-        return orjson.dumps(record, default=_json_default, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
-    except Exception:  # an int past 64 bits, a recursive structure: every value as text, the line still goes out
-        return orjson.dumps({str(k): v if isinstance(v, str) else repr(v) for k, v in record.items()})
 
 
 class _Output:
@@ -151,14 +169,15 @@ class _Output:
     def __call__(self, logger: object, method_name: str, event_dict: structlog.types.EventDict) -> Any:
         level = _LEVEL_NAMES.get(method_name, method_name)
         record: dict[str, Any] = {
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            # A datetime: encode_line writes it (as iso_z would), the console formats it only when shown.
+            "timestamp": datetime.now(UTC),
             "level": level,
             "service": event_dict.pop("service", self.service),
             "event": event_dict.pop("event", None),
         }
         record.update(event_dict)
         to_stderr = _LEVEL_NUMBERS.get(method_name, logging.INFO) >= self.stderr_level
-        data = json_line(record) if self.system_log is not None or (to_stderr and not self.console) else b""
+        data = encode_line(record) if self.system_log is not None or (to_stderr and not self.console) else b""
         text = None
         if to_stderr:
             text = console_line(record) if self.console else data.decode()
@@ -166,10 +185,14 @@ class _Output:
 
 
 class _Sink:
-    """structlog's logger: one method per level, all the same (the level was handled by ``_Output``)."""
+    """structlog's logger: one method per level, all the same (the level was handled by ``_Output``). Also
+    the logger factory (it returns itself), so the process's structlog configuration names the writer."""
 
     def __init__(self, system_log: SystemLog | None) -> None:
         self.system_log = system_log
+
+    def __call__(self, *args: object) -> _Sink:
+        return self
 
     def emit(self, data: bytes, text: str | None) -> None:
         if self.system_log is not None and data:
@@ -182,12 +205,12 @@ class _Sink:
     debug = info = msg = warning = warn = error = exception = critical = fatal = log = emit
 
 
-_active_system_log: SystemLog | None = None
-
-
 def active_system_log() -> SystemLog | None:
-    """The writer the last ``configure_logging`` set up in this process (None: no system log)."""
-    return _active_system_log
+    """The writer structlog's configuration writes to now (None: no system log). structlog's configuration
+    is the process's, so this is what the last ``configure_logging`` set up; an app takes it once, when it is
+    built (shared/service_app.py puts it on its Resources and its dropped-lines metric)."""
+    factory = structlog.get_config().get("logger_factory")
+    return factory.system_log if isinstance(factory, _Sink) else None
 
 
 def configure_logging(
@@ -200,14 +223,12 @@ def configure_logging(
     a path; at INFO and above even when ``level`` is higher, as the report needs the lifecycle events) and
     at ``level`` and above to stderr, as JSON (``fmt="json"``) or readable lines (``fmt="console"``).
     Returns the system log writer."""
-    global _active_system_log
     writer = SystemLog(system_log, service=service) if isinstance(system_log, (str, Path)) else system_log
     if writer is not None and writer.service is None:
         writer.service = service
-    previous = _active_system_log
+    previous = active_system_log()
     if previous is not None and previous is not writer:
-        previous.close()
-    _active_system_log = writer
+        previous.close()  # its file descriptor; an app built on it still reads its dropped count
     stderr_level = _LEVEL_NUMBERS.get(level.strip().lower(), logging.INFO)
     # Events below this are dropped by the bound logger's no-op methods, before any processor runs.
     threshold = min(stderr_level, logging.INFO) if writer is not None else stderr_level
@@ -220,7 +241,7 @@ def configure_logging(
             _Output(service, writer, stderr_level, fmt),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=lambda *args: _Sink(writer),
+        logger_factory=_Sink(writer),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)

@@ -304,6 +304,25 @@ class UserActivity(Base):
     __table_args__ = (Index("ix_user_activity_user_id_id", "user_id", "id"),)
 
 
+class ApiKey(Base):
+    """A personal API key: only the SHA-256 of its secret (256 random bits, so no slow hash is needed) and a
+    short prefix to recognise it by are kept; the secret itself is shown once, at creation.
+
+    Written by: gateway."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class PriceOutbox(Base):
     """Price events committed with the consolidation that produced them, until relayed to the prices stream:
     a publish that fails after commit is retried from here, never lost. Written by: pricing."""

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -51,6 +51,8 @@ class Resources:
     stream_metrics: StreamMetrics
     # Every long-running task of the service runs under it; /readyz reports what it knows.
     supervisor: Supervisor
+    # The system log writer the app was built with (structlog's, taken when the app was built; None: none).
+    system_log: SystemLog | None = None
 
 
 def redis_client(url: str) -> Redis:
@@ -59,7 +61,7 @@ def redis_client(url: str) -> Redis:
 
 @asynccontextmanager
 async def open_resources(
-    settings: Settings, registry: CollectorRegistry, service: str = "service"
+    settings: Settings, registry: CollectorRegistry, service: str = "service", system_log: SystemLog | None = None
 ) -> AsyncIterator[Resources]:
     engine = create_engine(settings.require_database_url())
     redis = redis_client(settings.require_redis_url())
@@ -74,6 +76,7 @@ async def open_resources(
             registry=registry,
             stream_metrics=StreamMetrics(registry),
             supervisor=supervisor,
+            system_log=system_log,
         )
     finally:
         await supervisor.stop()
@@ -86,24 +89,46 @@ def get_resources(request: Request) -> Resources:
     return resources
 
 
-def lifespan_state(name: str, kind: type[T]) -> Callable[[HTTPConnection], T]:
+def state_of(connection: HTTPConnection, name: str, kind: type[T]) -> T:
+    """What the service's lifespan put on ``app.state`` under ``name``, checked to be a ``kind``."""
+    value = getattr(connection.app.state, name, None)
+    if not isinstance(value, kind):
+        raise RuntimeError(f"the lifespan did not set app.state.{name} ({kind.__name__})")
+    return value
+
+
+def lifespan_state(name: str, kind: type[T]) -> Callable[[HTTPConnection], Awaitable[T]]:
     """The one way a route gets a service object: a FastAPI dependency returning what the service's lifespan
     put on ``app.state`` under ``name``. Use it through an alias in the service's api module::
 
         Pricing = Annotated[PricingService, Depends(lifespan_state("pricing", PricingService))]
+
+    A coroutine on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop per
+    request that cost about a fifth of a price read's CPU for one attribute lookup. Code that calls it as a
+    plain function (outside dependency injection) uses ``lifespan_getter`` instead.
     """
 
     # HTTPConnection, not Request: FastAPI fills it for websocket routes too.
-    def dependency(request: HTTPConnection) -> T:
-        value = getattr(request.app.state, name, None)
-        if not isinstance(value, kind):
-            raise RuntimeError(f"the lifespan did not set app.state.{name} ({kind.__name__})")
-        return value
+    async def dependency(request: HTTPConnection) -> T:
+        return state_of(request, name, kind)
 
     dependency.__name__ = f"{name}_from_lifespan"
     return dependency
 
 
+def lifespan_getter(name: str, kind: type[T]) -> Callable[[HTTPConnection], T]:
+    """``lifespan_state`` as a plain function, for code that calls it directly rather than through Depends."""
+
+    def getter(connection: HTTPConnection) -> T:
+        return state_of(connection, name, kind)
+
+    getter.__name__ = f"{name}_from_lifespan"
+    return getter
+
+
+# How long a service keeps an idle keep-alive connection open; the gateway's pool closes its own sooner.
+SERVICE_KEEPALIVE_SECONDS = 75
+UPSTREAM_KEEPALIVE_SECONDS = 60
 # A service names the route template that answered; the gateway reads it back from what it forwarded and
 # puts it on its own scope under ROUTE_TEMPLATE_KEY, so its metrics and system log say "/api/v1/prices"
 # rather than its one forwarding route.
@@ -119,8 +144,9 @@ MAX_LOGGED_PATH = 2048
 class MetricsMiddleware:
     """Counts requests and their latency by route template (not raw path, to bound label cardinality)."""
 
-    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry, *, advertise_route: bool = True) -> None:
         self.app = app
+        self.advertise_route = advertise_route
         self.requests = Counter(
             "http_requests_total", "HTTP requests", ["method", "route", "status"], registry=registry
         )
@@ -149,7 +175,7 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                route = scope.get("route")
+                route = scope.get("route") if self.advertise_route else None
                 if route is not None:
                     # The gateway labels what it forwarded with this template instead of its catch-all.
                     message["headers"] = [*message.get("headers", []), (ROUTE_HEADER_BYTES, route.path.encode())]
@@ -242,12 +268,15 @@ def build_service_app(
     serve_docs: bool = True,
 ) -> FastAPI:
     registry = CollectorRegistry()
-    # system_log_dropped_lines_total: read from the process's system log writer when scraped (0 without one).
-    registry.register(DroppedLinesCollector(active_system_log))
+    # system_log_dropped_lines_total: read from the app's system log writer when scraped (0 without one): the
+    # one structlog writes to when the app is built (serve configures logging first). The app keeps its own
+    # reference, so logging configured again later in the process (another app, a test) leaves its count.
+    system_log = active_system_log()
+    registry.register(DroppedLinesCollector(system_log))
 
     @asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_resources(settings, registry, service) as resources:
+        async with open_resources(settings, registry, service, system_log=system_log) as resources:
             app.state.resources = resources
             try:
                 versions = await ensure_supported_servers(resources.engine, resources.redis)
@@ -294,7 +323,8 @@ def build_service_app(
     if service != "gateway":
         # Behind the gateway: identity arrives in its signed credential (docs/security.md).
         app.add_middleware(InternalAuthMiddleware, settings=settings)
-    app.add_middleware(MetricsMiddleware, registry=registry)
+    # Only services behind the gateway name their route to it; the gateway itself has no one to tell.
+    app.add_middleware(MetricsMiddleware, registry=registry, advertise_route=service != "gateway")
     app.add_middleware(CorrelationIdMiddleware)
     app.include_router(ops_router())
     if serve_docs:
@@ -333,6 +363,9 @@ def serve(service: str, create_app: Callable[[Settings], FastAPI]) -> None:
         # price to 1,000 sockets past 100 ms at p99, and no frame larger than a client message can usefully be
         # (uvicorn would otherwise buffer 16 MiB before the handler's own size check runs).
         ws_per_message_deflate=False, ws_max_size=65_536,
+        # Idle keep-alive connections live longer than the gateway's pool keeps them (UPSTREAM_KEEPALIVE_SECONDS):
+        # with uvicorn's 5 s the pool reused connections the service was closing, and that race was a 502.
+        timeout_keep_alive=SERVICE_KEEPALIVE_SECONDS,
     )  # fmt: skip
 
 

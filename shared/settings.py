@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     source_max_age_ws_seconds: float = Field(default=30, gt=0)
     source_max_age_rest_seconds: float = Field(default=120, gt=0)
     consolidation_refresh_seconds: float = Field(default=5, gt=0)
+    # Sharding (docs/scaling.md): how many pricing and alerting replicas split the coins between them, and
+    # which one this process is: an index, or "auto" for the ordinal a StatefulSet pod's hostname ends with.
+    pricing_shards: int = Field(default=1, ge=1, le=1024)
+    alerting_shards: int = Field(default=1, ge=1, le=1024)
+    shard: str = "0"
     sim_interval_seconds: float = Field(default=1.0, gt=0)
     sim_seed: int | None = None
     # History: raw ticks and 1-minute candles are deleted after these ages; hourly and daily candles stay.
@@ -175,6 +180,8 @@ class Settings(BaseSettings):
     rate_limit_anonymous: int = Field(default=60, ge=1)
     rate_limit_user: int = Field(default=600, ge=1)
     rate_limit_window_seconds: int = Field(default=60, ge=1)
+    # Personal API keys (docs/security.md): how many live (unrevoked, unexpired) keys one account may hold.
+    api_keys_max_per_user: int = Field(default=20, ge=1, le=1000)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     https_only: bool = False
     hsts_seconds: int = Field(default=31_536_000, ge=0)
@@ -223,6 +230,17 @@ class Settings(BaseSettings):
                     "list the proxies in front of the gateway"
                 ) from None
         return value
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def _shard_is_index_or_auto(cls, value: object) -> object:
+        text = str(value).strip().lower()
+        if text != "auto" and not (text.isdigit() and text.isascii() and len(text) <= 4):
+            raise ValueError(
+                f"{value!r} is not a shard: give this replica's index (0, 1, ...) or auto (the ordinal at the "
+                "end of the hostname, as a StatefulSet pod has)"
+            )
+        return text if text == "auto" else str(int(text))
 
     @field_validator("system_log_path", mode="before")
     @classmethod
@@ -320,6 +338,35 @@ class Settings(BaseSettings):
 
     def source_url(self, source: str, kind: Literal["rest", "ws"]) -> str | None:
         return self.source_urls.get(f"{source.lower()}_{kind}_url")
+
+    def shard_index(self, shards: int, *, hostname: str | None = None) -> int:
+        """This replica's shard among ``shards`` (``pricing_shards`` or ``alerting_shards``), from
+        COINLYTICS_SHARD; "auto" reads the ordinal at the end of the hostname (``pricing-2`` is shard 2)."""
+        import socket
+
+        from shared.sharding import hostname_ordinal
+
+        if shards < 1:
+            raise ConfigurationError(f"the shard count must be at least 1, not {shards}")
+        if self.shard == "auto":
+            name = hostname if hostname is not None else socket.gethostname()
+            index = hostname_ordinal(name)
+            if index is None:
+                raise ConfigurationError(
+                    f"COINLYTICS_SHARD=auto takes the shard from the hostname's trailing ordinal (a StatefulSet "
+                    f"pod such as pricing-1), but the hostname {name!r} has none: set COINLYTICS_SHARD to a "
+                    f"number from 0 to {shards - 1}"
+                )
+            origin = f"the hostname {name!r}"
+        else:
+            index = int(self.shard)
+            origin = f"COINLYTICS_SHARD={self.shard}"
+        if index >= shards:
+            raise ConfigurationError(
+                f"{origin} names shard {index}, but there are only {shards} (0 to {shards - 1}): give an index "
+                "below the shard count, or raise the count (docs/scaling.md: drain first)"
+            )
+        return index
 
     def system_log_file(self) -> Path:
         """Where the system log is written (and read by the report): the configured path or the data dir's."""

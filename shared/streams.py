@@ -188,8 +188,10 @@ class StreamMetrics:
         )
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def decode_text(value: bytes | str) -> str:
+    """A Redis reply (bytes: the clients here do not decode) as text; bytes that are not UTF-8 are replaced,
+    so that a stray entry never raises in a reader."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def default_consumer_name(service: str) -> str:
@@ -337,7 +339,7 @@ class StreamConsumer:
             return  # the stream is gone (FLUSHDB): step() recreates it and the group
         labels = (self.stream_name, self.group)
         for info in groups:
-            if _s(info["name"]) != self.group:
+            if decode_text(info["name"]) != self.group:
                 continue
             self.metrics.pending.labels(*labels).set(int(info["pending"]))
             lag = info.get("lag")
@@ -364,7 +366,7 @@ class StreamConsumer:
         if oldest is None:
             self._oldest_pending = None
             return None
-        oldest_id = _s(oldest)
+        oldest_id = decode_text(oldest)
         if self._oldest_pending is None or self._oldest_pending[0] != oldest_id:
             self._oldest_pending = (oldest_id, now)
             return None
@@ -387,7 +389,7 @@ class StreamConsumer:
             self.group, self.consumer, {self.stream: ">"}, count=self.batch_size, block=self.block_ms
         )
         messages = [
-            StreamMessage(id=_s(entry_id), fields={_s(k): _s(v) for k, v in fields.items()})
+            StreamMessage(id=decode_text(entry_id), fields={decode_text(k): decode_text(v) for k, v in fields.items()})
             for _stream, entries in response or []
             for entry_id, fields in entries
             if fields is not None
@@ -411,11 +413,11 @@ class StreamConsumer:
         )
         if not idle:
             return 0
-        delivered_before = {_s(p["message_id"]): int(p["times_delivered"]) for p in idle}
+        delivered_before = {decode_text(p["message_id"]): int(p["times_delivered"]) for p in idle}
         claimed = await self.redis.xclaim(
             self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, message_ids=list(delivered_before)
         )
-        live = {_s(i): f for i, f in claimed if i is not None and f is not None}
+        live = {decode_text(i): f for i, f in claimed if i is not None and f is not None}
         missing = [entry_id for entry_id in delivered_before if entry_id not in live]
         if missing:
             await self._ack_trimmed(missing)
@@ -423,7 +425,7 @@ class StreamConsumer:
         for entry_id, fields in live.items():
             message = StreamMessage(
                 id=entry_id,
-                fields={_s(k): _s(v) for k, v in fields.items()},
+                fields={decode_text(k): decode_text(v) for k, v in fields.items()},
                 deliveries=delivered_before[entry_id] + 1,
             )
             if delivered_before[entry_id] >= self.max_deliveries:

@@ -15,12 +15,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shared.backoff import jittered_backoff
+
+if TYPE_CHECKING:
+    from shared.jobs import JobMetrics
 
 log = structlog.get_logger("supervisor")
 
@@ -65,6 +68,8 @@ class Supervisor:
         self.service = service
         # Also where the job workers it runs report their metrics (shared/jobs.py).
         self.registry = registry
+        # Those workers' metrics, made by the first one (a registry refuses a metric name twice).
+        self.job_metrics: JobMetrics | None = None
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         # A task that stayed up this long is considered recovered: its next failure starts a fresh backoff.

@@ -19,6 +19,7 @@ import uvicorn
 from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
+from shared.service_app import SERVICE_KEEPALIVE_SECONDS
 from shared.settings import Settings
 from tests.replay import ReplayServer
 
@@ -224,7 +225,10 @@ async def serve_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
     """Runs an ASGI app on a real uvicorn server on 127.0.0.1; yields its base URL."""
     port = port or free_port()
     # Proxy headers off, as shared.service_app.serve runs them: the gateway decides whom to believe.
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", proxy_headers=False)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", proxy_headers=False,
+        timeout_keep_alive=SERVICE_KEEPALIVE_SECONDS,
+    )  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

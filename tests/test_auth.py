@@ -150,6 +150,13 @@ async def test_logout_revokes_the_access_token_and_its_refresh_family(platform, 
 async def test_password_reset_by_email_link(platform, smtp, db):
     await register(platform, "fay@example.com")
     old = await tokens(platform, "fay@example.com")
+    # A key minted before the reset (perhaps by whoever had the account): used once, so the gateway remembers it.
+    made = await platform.post(
+        "/api/v1/users/me/api-keys", json={"name": "script"}, headers=bearer(old["access_token"])
+    )
+    assert made.status_code == 201, made.text
+    minted = {"X-API-Key": made.json()["key"]}
+    assert (await platform.get("/api/v1/users/me", headers=minted)).status_code == 200
     # A forged Host header must not end up in the link.
     asked = await platform.post(
         "/api/v1/auth/password-reset", json={"email": "FAY@example.com"}, headers={"Host": "evil.example"}
@@ -183,7 +190,8 @@ async def test_password_reset_by_email_link(platform, smtp, db):
 
     assert (await login(platform, "fay@example.com")).status_code == 401
     assert (await login(platform, "fay@example.com", NEW_PASSWORD)).status_code == 200
-    # Every earlier session ended: the access token and the refresh token.
+    # Every earlier session ended: the access token and the refresh token, and the keys made meanwhile.
+    assert (await platform.get("/api/v1/users/me", headers=minted)).status_code == 401
     assert (await platform.get("/api/v1/users/me", headers=bearer(old["access_token"]))).status_code == 401
     assert (
         await platform.post("/api/v1/auth/refresh", json={"refresh_token": old["refresh_token"]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,14 @@ def compose_services() -> dict[str, dict[str, Any]]:
     return services
 
 
+def compose_instances(name: str) -> dict[str, dict[str, Any]]:
+    """The compose services running ``name``: the one of that name, or its shards ``<name>-0``, ``<name>-1``, ..."""
+    services = compose_services()
+    if name in services:
+        return {name: services[name]}
+    return {n: svc for n, svc in services.items() if re.fullmatch(rf"{re.escape(name)}-\d+", n)}
+
+
 def coinlytics_containers() -> dict[str, dict[str, Any]]:
     """Services built from this repository (everything but the stock PostgreSQL and Redis images)."""
     return {name: svc for name, svc in compose_services().items() if "build" in svc}
@@ -107,7 +116,7 @@ def healthcheck_test(svc: dict[str, Any]) -> str:
 
 def test_compose_has_infrastructure_and_every_service() -> None:
     names = set(compose_services())
-    missing = (INFRA_SERVICES | set(service_ports()) | {"migrate"}) - names
+    missing = (INFRA_SERVICES | {"migrate"}) - names | {n for n in service_ports() if not compose_instances(n)}
     assert not missing, f"docker-compose.yml lacks services: {sorted(missing)}"
 
 
@@ -136,9 +145,10 @@ def test_compose_commands_name_existing_modules() -> None:
         if problem:
             problems.append(problem)
     for name in service_ports():
-        command = containers.get(name, {}).get("command")
-        if command != ["python", "-m", f"services.{name}"]:
-            problems.append(f"{name}: command is {command!r}, expected python -m services.{name}")
+        for instance, svc in compose_instances(name).items():
+            command = svc.get("command")
+            if command != ["python", "-m", f"services.{name}"]:
+                problems.append(f"{instance}: command is {command!r}, expected python -m services.{name}")
     migrate = containers.get("migrate", {}).get("command")
     if migrate != ["python", "-m", "coinlytics", "migrate"]:
         problems.append(f"migrate: command is {migrate!r}")
@@ -147,12 +157,13 @@ def test_compose_commands_name_existing_modules() -> None:
 
 def test_compose_service_healthchecks_probe_their_own_port() -> None:
     problems = []
-    for name, port in service_ports().items():
-        test = healthcheck_test(compose_services().get(name, {}))
-        if f"http://127.0.0.1:{port}/healthz" not in test:
-            problems.append(f"{name}: healthcheck {test!r} does not request 127.0.0.1:{port}/healthz")
-        if "curl" in test or "wget" in test:
-            problems.append(f"{name}: healthcheck uses a tool the slim image does not have")
+    for service, port in service_ports().items():
+        for name, svc in compose_instances(service).items():
+            test = healthcheck_test(svc)
+            if f"http://127.0.0.1:{port}/healthz" not in test:
+                problems.append(f"{name}: healthcheck {test!r} does not request 127.0.0.1:{port}/healthz")
+            if "curl" in test or "wget" in test:
+                problems.append(f"{name}: healthcheck uses a tool the slim image does not have")
     assert not problems, "\n".join(problems)
 
 
@@ -163,7 +174,7 @@ def test_compose_services_wait_for_dependencies_and_migration() -> None:
         "migrate": "service_completed_successfully",
     }
     problems = []
-    for name in service_ports():
+    for name in [n for service in service_ports() for n in compose_instances(service)]:
         depends = compose_services().get(name, {}).get("depends_on") or {}
         for dep, condition in expected.items():
             actual = (depends.get(dep) or {}).get("condition") if isinstance(depends, dict) else None
@@ -212,6 +223,51 @@ def test_compose_environment_points_services_at_each_other() -> None:
                 problems.append(f"{name}: {key} host {host!r} is not a compose service")
         if env.get("COINLYTICS_HOST") != "0.0.0.0":
             problems.append(f"{name}: COINLYTICS_HOST must be 0.0.0.0 to be reachable from other containers")
+    assert not problems, "\n".join(problems)
+
+
+def volume_mounts(svc: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(source, target, read_only) of a compose service's volumes, short ("src:dst[:ro]") or long syntax."""
+    mounts = []
+    for entry in svc.get("volumes") or []:
+        if isinstance(entry, dict):
+            mounts.append((str(entry.get("source", "")), str(entry.get("target", "")), bool(entry.get("read_only"))))
+            continue
+        source, _, rest = str(entry).partition(":")
+        target, _, mode = rest.partition(":")
+        mounts.append((source, target, "ro" in mode.split(",")))
+    return mounts
+
+
+def test_compose_services_share_one_data_volume() -> None:
+    """One named volume at the data dir of every service: all of them append to one system log, which the
+    gateway's report reads (docs/operations.md)."""
+    named = set(compose().get("volumes") or {})
+    problems = []
+    found: set[tuple[str, str]] = set()
+    for name, svc in [item for service in service_ports() for item in compose_instances(service).items()]:
+        data_dir = str((svc.get("environment") or {}).get("COINLYTICS_DATA_DIR") or "")
+        if not data_dir.startswith("/"):
+            problems.append(f"{name}: COINLYTICS_DATA_DIR is {data_dir or None!r}, not an absolute path")
+            continue
+        at_data_dir = [(src, ro) for src, dst, ro in volume_mounts(svc) if dst.rstrip("/") == data_dir.rstrip("/")]
+        if not at_data_dir:
+            problems.append(f"{name}: nothing is mounted at its data dir {data_dir}")
+            continue
+        for source, read_only in at_data_dir:
+            if source not in named:
+                problems.append(f"{name}: {source!r} at {data_dir} is not a named volume of the compose file")
+            if read_only:
+                problems.append(f"{name}: {source} is mounted read-only at {data_dir}")
+            found.add((source, data_dir.rstrip("/")))
+    if len(found) > 1:
+        problems.append(f"services do not share one data volume and dir: {sorted(found)}")
+    # A new named volume copies the owner of the image's directory: it must exist there, owned by the
+    # service user, or the services (not root) could not create the log in it.
+    for _source, data_dir in found:
+        runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN" and data_dir in args]
+        if not any("install -d -o" in args or "chown" in args for args in runs):
+            problems.append(f"deploy/Dockerfile does not create {data_dir} owned by the service user")
     assert not problems, "\n".join(problems)
 
 
@@ -301,6 +357,15 @@ def by_name(kind: str) -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for _, doc in objects(kind)}
 
 
+def workloads() -> list[tuple[str, dict[str, Any]]]:
+    """The long-running services' controllers: Deployments, and StatefulSets for the sharded ones."""
+    return objects("Deployment") + objects("StatefulSet")
+
+
+def workload_by_name() -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for _, doc in workloads()}
+
+
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = workload["spec"]["template"]["spec"]
     return spec
@@ -318,16 +383,15 @@ def container_ports(pod: dict[str, Any]) -> dict[str | int, int]:
 
 
 def test_k8s_has_a_deployment_and_service_per_coinlytics_service() -> None:
-    for kind in ("Deployment", "Service"):
-        missing = set(service_ports()) - set(by_name(kind))
+    for kind, names in (("Deployment or StatefulSet", workload_by_name()), ("Service", by_name("Service"))):
+        missing = set(service_ports()) - set(names)
         assert not missing, f"no {kind} for {sorted(missing)}"
     assert objects("Job"), "no migration Job"
 
 
 def test_k8s_commands_name_existing_modules() -> None:
     problems = []
-    workloads = objects("Deployment") + objects("Job")
-    for file, doc in workloads:
+    for file, doc in workloads() + objects("Job"):
         for container in pod_spec(doc)["containers"]:
             where = f"{file}: {doc['kind']} {doc['metadata']['name']} container {container['name']}"
             if "command" not in container:
@@ -337,9 +401,9 @@ def test_k8s_commands_name_existing_modules() -> None:
             if problem:
                 problems.append(problem)
     for name in service_ports():
-        containers = pod_spec(by_name("Deployment")[name])["containers"]
+        containers = pod_spec(workload_by_name()[name])["containers"]
         if [c.get("command") for c in containers] != [["python", "-m", f"services.{name}"]]:
-            problems.append(f"Deployment {name} does not run python -m services.{name}")
+            problems.append(f"workload {name} does not run python -m services.{name}")
     job_commands = [c.get("command") for _, job in objects("Job") for c in pod_spec(job)["containers"]]
     if ["python", "-m", "coinlytics", "migrate"] not in job_commands:
         problems.append("no Job runs python -m coinlytics migrate")
@@ -348,7 +412,7 @@ def test_k8s_commands_name_existing_modules() -> None:
 
 def test_k8s_deployments_have_probes_on_declared_ports() -> None:
     problems = []
-    for file, deployment in objects("Deployment"):
+    for file, deployment in workloads():
         name = deployment["metadata"]["name"]
         pod = pod_spec(deployment)
         declared = container_ports(pod)
@@ -370,7 +434,7 @@ def test_k8s_deployments_have_probes_on_declared_ports() -> None:
 
 def test_k8s_deployments_are_non_root_and_bounded() -> None:
     problems = []
-    for file, deployment in objects("Deployment") + objects("Job"):
+    for file, deployment in workloads() + objects("Job"):
         name = deployment["metadata"]["name"]
         pod = pod_spec(deployment)
         for container in pod["containers"]:
@@ -389,7 +453,7 @@ def test_k8s_deployments_are_non_root_and_bounded() -> None:
 def test_k8s_every_deployment_has_a_matching_service() -> None:
     services = objects("Service")
     problems = []
-    for file, deployment in objects("Deployment"):
+    for file, deployment in workloads():
         name = deployment["metadata"]["name"]
         labels = deployment["spec"]["template"]["metadata"].get("labels") or {}
         match = deployment["spec"]["selector"].get("matchLabels") or {}
@@ -413,7 +477,7 @@ def test_k8s_every_deployment_has_a_matching_service() -> None:
 def test_k8s_configmap_urls_match_services() -> None:
     """Each service binds to the port in its URL, so URL, Service port and containerPort must agree."""
     services = by_name("Service")
-    deployments = by_name("Deployment")
+    deployments = workload_by_name()
     problems = []
     urls = {
         key: value
@@ -445,7 +509,7 @@ def test_k8s_configmap_urls_match_services() -> None:
 def test_k8s_env_sources_exist() -> None:
     configmaps, secrets = set(by_name("ConfigMap")), set(by_name("Secret"))
     problems = []
-    for file, workload in objects("Deployment") + objects("Job"):
+    for file, workload in workloads() + objects("Job"):
         for container in pod_spec(workload)["containers"]:
             refs = container.get("envFrom") or []
             kinds = set()
@@ -460,6 +524,31 @@ def test_k8s_env_sources_exist() -> None:
                         problems.append(f"{file}: Secret {ref['secretRef']['name']} is not defined")
             if kinds != {"configMap", "secret"}:
                 problems.append(f"{file}: {container['name']} does not take env from both ConfigMap and Secret")
+    assert not problems, "\n".join(problems)
+
+
+def test_k8s_workloads_mount_a_writable_data_dir() -> None:
+    """The root filesystem is read-only, so the system log needs a volume at the data dir of every pod."""
+    config = {k: v for _, cm in objects("ConfigMap") for k, v in (cm.get("data") or {}).items()}
+    problems = []
+    workloads = objects("Deployment") + objects("StatefulSet")
+    assert workloads, "no Deployment"
+    for file, workload in workloads:
+        pod = pod_spec(workload)
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates") or []}
+        writable = claims | {
+            v["name"] for v in pod.get("volumes") or [] if "emptyDir" in v or "persistentVolumeClaim" in v
+        }
+        for container in pod["containers"]:
+            where = f"{file}: {workload['metadata']['name']}/{container['name']}"
+            env = {e["name"]: e.get("value") for e in container.get("env") or []}
+            data_dir = str(env.get("COINLYTICS_DATA_DIR") or config.get("COINLYTICS_DATA_DIR") or "")
+            if not data_dir.startswith("/"):
+                problems.append(f"{where}: COINLYTICS_DATA_DIR is {data_dir or None!r}, not an absolute path")
+                continue
+            mounts = [m for m in container.get("volumeMounts") or [] if m["mountPath"].rstrip("/") == data_dir]
+            if not any(m["name"] in writable and not m.get("readOnly") for m in mounts):
+                problems.append(f"{where}: no writable volume (emptyDir or claim) mounted at {data_dir}")
     assert not problems, "\n".join(problems)
 
 
@@ -523,3 +612,84 @@ def test_kustomization_lists_every_manifest() -> None:
     assert len(listed) == len(set(listed)), f"duplicates in kustomization.yaml: {listed}"
     assert not on_disk - set(listed), f"not listed in kustomization.yaml: {sorted(on_disk - set(listed))}"
     assert not set(listed) - on_disk, f"listed but missing: {sorted(set(listed) - on_disk)}"
+
+
+# --- sharded services (docs/scaling.md) ---------------------------------------------------------------
+
+
+def test_compose_runs_pricing_as_shards_that_answer_to_one_name() -> None:
+    shards = compose_instances("pricing")
+    assert len(shards) >= 2, f"docker-compose.yml runs {sorted(shards)}, not two or more pricing shards"
+    assert sorted(shards) == [f"pricing-{i}" for i in range(len(shards))], sorted(shards)
+    problems = []
+    for name, svc in coinlytics_containers().items():
+        # Ingest routes ticks by the same count the shards read theirs by.
+        count = (svc.get("environment") or {}).get("COINLYTICS_PRICING_SHARDS")
+        if str(count) != str(len(shards)):
+            problems.append(f"{name}: COINLYTICS_PRICING_SHARDS is {count!r}; compose runs {len(shards)} shards")
+    for name, svc in shards.items():
+        shard = (svc.get("environment") or {}).get("COINLYTICS_SHARD")
+        if str(shard) != name.rsplit("-", 1)[1]:
+            problems.append(f"{name}: COINLYTICS_SHARD is {shard!r}")
+        aliases = (((svc.get("networks") or {}).get("default") or {}).get("aliases")) or []
+        if "pricing" not in aliases:
+            problems.append(f"{name}: not reachable as pricing, the host of COINLYTICS_PRICING_URL")
+    assert not problems, "\n".join(problems)
+
+
+def test_k8s_runs_pricing_as_a_statefulset_with_one_shard_per_pod() -> None:
+    config = {k: v for _, cm in objects("ConfigMap") for k, v in (cm.get("data") or {}).items()}
+    statefulsets = by_name("StatefulSet")
+    assert "pricing" in statefulsets, "pricing is not a StatefulSet"
+    assert "pricing" not in by_name("Deployment"), "pricing is both a Deployment and a StatefulSet"
+    pricing = statefulsets["pricing"]
+    spec = pricing["spec"]
+    problems = []
+    count = config.get("COINLYTICS_PRICING_SHARDS")
+    # Pod i of the StatefulSet is shard i: as many pods as shards, or some coins would have no owner.
+    if str(spec.get("replicas")) != str(count):
+        problems.append(f"replicas {spec.get('replicas')!r} != COINLYTICS_PRICING_SHARDS {count!r} (ConfigMap)")
+    headless = by_name("Service").get(spec.get("serviceName"))
+    if headless is None or headless["spec"].get("clusterIP") != "None":
+        problems.append(f"serviceName {spec.get('serviceName')!r} is not a headless Service")
+    elif headless["spec"].get("selector") != spec["template"]["metadata"].get("labels"):
+        problems.append(f"headless Service {spec.get('serviceName')} does not select the pricing pods")
+    for container in pod_spec(pricing)["containers"]:
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        if env.get("COINLYTICS_SHARD") != "auto":
+            problems.append(f"{container['name']}: COINLYTICS_SHARD is {env.get('COINLYTICS_SHARD')!r}, not auto")
+        if "COINLYTICS_PRICING_SHARDS" in env:
+            problems.append(f"{container['name']}: sets its own shard count; ingest reads the ConfigMap's")
+    for _, hpa in objects("HorizontalPodAutoscaler"):
+        if hpa["spec"]["scaleTargetRef"].get("name") == "pricing":
+            problems.append(f"HPA {hpa['metadata']['name']} scales pricing, whose replicas are its shard count")
+    assert not problems, "\n".join(problems)
+
+
+def test_k8s_runs_alerting_as_a_statefulset_with_one_shard_per_pod() -> None:
+    config = {k: v for _, cm in objects("ConfigMap") for k, v in (cm.get("data") or {}).items()}
+    statefulsets = by_name("StatefulSet")
+    assert "alerting" in statefulsets, "alerting is not a StatefulSet"
+    assert "alerting" not in by_name("Deployment"), "alerting is both a Deployment and a StatefulSet"
+    alerting = statefulsets["alerting"]
+    spec = alerting["spec"]
+    problems = []
+    if "COINLYTICS_ALERTING_SHARDS" in config:
+        problems.append("the ConfigMap sets COINLYTICS_ALERTING_SHARDS: alerting.yaml sets it beside replicas")
+    headless = by_name("Service").get(spec.get("serviceName"))
+    if headless is None or headless["spec"].get("clusterIP") != "None":
+        problems.append(f"serviceName {spec.get('serviceName')!r} is not a headless Service")
+    elif headless["spec"].get("selector") != spec["template"]["metadata"].get("labels"):
+        problems.append(f"headless Service {spec.get('serviceName')} does not select the alerting pods")
+    for container in pod_spec(alerting)["containers"]:
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        if env.get("COINLYTICS_SHARD") != "auto":
+            problems.append(f"{container['name']}: COINLYTICS_SHARD is {env.get('COINLYTICS_SHARD')!r}, not auto")
+        # Pod i is shard i: as many pods as shards, or some coins' rules would have no evaluator.
+        count = env.get("COINLYTICS_ALERTING_SHARDS")
+        if str(spec.get("replicas")) != str(count):
+            problems.append(f"replicas {spec.get('replicas')!r} != COINLYTICS_ALERTING_SHARDS {count!r}")
+    for _, hpa in objects("HorizontalPodAutoscaler"):
+        if hpa["spec"]["scaleTargetRef"].get("name") == "alerting":
+            problems.append(f"HPA {hpa['metadata']['name']} scales alerting, whose replicas are its shard count")
+    assert not problems, "\n".join(problems)

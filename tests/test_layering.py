@@ -82,6 +82,7 @@ def test_routes_reach_no_repository_and_get_services_from_the_lifespan() -> None
         "services/conversion/api.py",
         "services/gateway/api.py",
         "services/gateway/auth/api.py",
+        "services/gateway/compat/api.py",
         "services/gateway/live/api.py",
         "services/gateway/reports/api.py",
         "services/gateway/tasks_monitor/api.py",

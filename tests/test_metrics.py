@@ -155,13 +155,18 @@ def test_scrape_config_targets_every_compose_service_on_its_port() -> None:
         for static in job.get("static_configs") or []:
             for target in static["targets"]:
                 targets[target] = static.get("labels", {}).get("service")
-    expected = {f"{name}:{port}": name for name, port in SERVICE_PORTS.items()}
+    # A sharded service runs as <name>-0, <name>-1, ... (docs/scaling.md): each is scraped on its own.
+    instances = {
+        name: [host for host in services if host == name or re.fullmatch(rf"{name}-\d+", host)]
+        for name in SERVICE_PORTS
+    }
+    expected = {f"{host}:{port}": name for name, port in SERVICE_PORTS.items() for host in instances[name]}
     assert targets == expected
-    for target in targets:
+    for target, name in targets.items():
         host, port = target.split(":")
         assert host in services, f"{target}: no compose service {host}"
         env = services[host].get("environment") or {}
-        url = env.get(f"COINLYTICS_{host.upper()}_URL", f"http://{host}:{SERVICE_PORTS[host]}")
+        url = env.get(f"COINLYTICS_{name.upper()}_URL", f"http://{name}:{SERVICE_PORTS[name]}")
         assert url.endswith(f":{port}"), f"{target}: compose runs {host} at {url}"
 
 
@@ -199,7 +204,8 @@ def test_k8s_scrape_config_follows_the_pod_annotations() -> None:
     assert keep and keep[0]["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
     for name, port in SERVICE_PORTS.items():
         docs = yaml.safe_load_all((ROOT / "deploy" / "k8s" / f"{name}.yaml").read_text(encoding="utf-8"))
-        deployment = next(d for d in docs if d and d["kind"] == "Deployment")
+        # Pricing (and any sharded service) is a StatefulSet (docs/scaling.md).
+        deployment = next(d for d in docs if d and d["kind"] in ("Deployment", "StatefulSet"))
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations == {
             "prometheus.io/scrape": "true",
@@ -339,6 +345,8 @@ async def test_the_gateway_labels_forwarded_requests_with_the_route_that_answere
             assert response.status_code in (200, 404), response.text
             # The service's template is for the gateway's labels, not for the caller.
             assert "x-coinlytics-route" not in response.headers
+        # Nor does the gateway name its own routes.
+        assert "x-coinlytics-route" not in (await client.get("/api/v1/status")).headers
         assert (await client.get("/api/v1/no-such-thing/1")).status_code == 404
     routes = {labels["route"] for labels, _ in samples(await scrape(platform["gateway"]), "http_requests_total")}
     assert "/api/v1/prices/{symbol}/sources" in routes, routes

@@ -8,8 +8,11 @@ counts; uptime from connect/disconnect events; the command's three formats; the 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -28,10 +31,14 @@ from plotly.offline import get_plotlyjs
 
 from coinlytics.cli import main
 from services.gateway.app import create_app as gateway_app
-from services.gateway.reports.service import build_report, percentile, window
-from shared.errors import ValidationFailed
+from services.gateway.reports.latency import LatencySummary
+from services.gateway.reports.service import ReportService, build_report, clamp_to_retention, window
+from services.ingest.runner import SourceRunner
+from services.ingest.sim import SimSource
+from shared.errors import ServiceUnavailable, ValidationFailed
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.streams import StreamPublisher
 from shared.system_log import SystemLog, rotated_name
 from tests.accounts import bearer, register, tokens
 from tests.browser import Browser, on_this_machine
@@ -65,13 +72,44 @@ class LogWriter:
 # --- the percentile and the window ------------------------------------------------------------------------
 
 
-def test_percentiles_are_nearest_rank_over_the_observed_values() -> None:
+def summary(values: list[float]) -> LatencySummary:
+    latency = LatencySummary()
+    for value in values:
+        latency.add(value)
+    return latency
+
+
+def exact(values: list[float], q: float) -> float:
+    """Nearest rank over the sorted values: what the summary estimates."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+def test_small_samples_of_distinct_buckets_are_exact() -> None:
     values = [float(v) for v in range(1, 101)]
-    assert percentile(values, 0.50) == 50.0
-    assert percentile(values, 0.95) == 95.0
-    assert percentile(values, 0.99) == 99.0
-    assert percentile([7.0], 0.99) == 7.0
-    assert percentile([], 0.5) is None
+    latency = summary(values)
+    assert (latency.quantile(0.50), latency.quantile(0.95), latency.quantile(0.99)) == (50.0, 95.0, 99.0)
+    assert latency.max_ms() == 100.0
+    assert summary([7.0]).quantile(0.99) == 7.0
+    assert summary([0.0, 0.0, 3.0]).quantile(0.5) == 0.0  # zero has its own bucket
+    assert LatencySummary().quantile(0.5) is None and LatencySummary().max_ms() is None
+
+
+def test_percentiles_stay_within_one_percent_of_the_exact_ones_in_bounded_memory() -> None:
+    rng = random.Random(13)
+    # Long-tailed, as latencies are: lognormal around 20 ms, plus a slow 2% from 0.5 s to 30 s.
+    values = [rng.lognormvariate(math.log(20), 0.8) for _ in range(200_000)]
+    values += [rng.uniform(500, 30_000) for _ in range(4_000)]
+    rng.shuffle(values)
+    latency = summary(values)
+    for q in (0.01, 0.25, 0.50, 0.90, 0.95, 0.99, 0.999, 1.0):
+        estimate, truth = latency.quantile(q), exact(values, q)
+        assert estimate is not None
+        assert abs(estimate - truth) <= 0.01 * truth, (q, estimate, truth)
+    assert latency.max_ms() == round(max(values), 3)
+    assert latency.count == len(values)
+    # 204,000 durations in a few hundred buckets: log(30000 / 0.1) / log(1.01) is about 1,270 at most.
+    assert len(latency.buckets) < 1_300
 
 
 def test_the_window_takes_spans_and_moments_and_refuses_the_rest() -> None:
@@ -241,6 +279,155 @@ def test_uptime_is_the_fraction_of_the_window_a_source_was_connected(tmp_path: P
     assert (gemini.uptime, gemini.errors, gemini.connects, gemini.connected_at_end) == (0.0, 3, 0, False)
 
 
+def test_an_ingest_start_without_a_disconnect_is_downtime(tmp_path: Path) -> None:
+    """kill -9 of ingest logs nothing; its next start (service_starting) says every link was gone."""
+    path = tmp_path / "coinlytics_system.log"
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+
+    def at(minutes: float) -> datetime:
+        return start + timedelta(minutes=minutes)
+
+    log = LogWriter(path)
+    log.line(at(-30), "source_connected", service="ingest", source="kraken", kind="ws")
+    log.line(at(-30), "source_connected", service="ingest", source="okx", kind="rest")
+    # Killed at some point; started again at 20. kraken is back at 30, okx never.
+    log.line(at(20), "service_starting", service="ingest")
+    log.line(at(30), "source_connected", service="ingest", source="kraken", kind="ws")
+    # Other services starting say nothing about sources.
+    log.line(at(40), "service_starting", service="pricing")
+    log.close()
+
+    sources = {s.source: s for s in build_report(path, start, at(60)).sources}
+    assert (sources["kraken"].connected_seconds, sources["kraken"].connected_at_end) == (50 * 60, True)
+    assert (sources["okx"].connected_seconds, sources["okx"].connected_at_end) == (20 * 60, False)
+    assert sources["okx"].disconnects == sources["okx"].errors == 0
+
+    # A restart before the window: down at its start until the next connect. okx, not heard of since that
+    # start, is no longer run (removed from the configuration): not listed.
+    later = {s.source: s for s in build_report(path, at(25), at(60)).sources}
+    assert set(later) == {"kraken"}
+    assert (later["kraken"].connected_seconds, later["kraken"].connected_at_end) == (30 * 60, True)
+
+
+def test_a_stable_source_connected_in_an_old_rotated_file_is_up_all_window(tmp_path: Path) -> None:
+    path = tmp_path / "coinlytics_system.log"
+    now = datetime.now(UTC).replace(microsecond=0)
+    since, until = now - timedelta(hours=1), now
+
+    def rotated(moment: datetime, lines: list[dict[str, Any]], filler: int = 2_000) -> Path:
+        """A rotated file last written at ``moment``: many request lines around a few state lines."""
+        target = rotated_name(path, moment)
+        request = {"timestamp": stamp(moment), "level": "info", "service": "gateway", "event": "request_finished",
+                   "method": "GET", "route": "/api/v1/prices", "status": 200, "duration_ms": 1.0}  # fmt: skip
+        body = [orjson.dumps(request)] * filler + [orjson.dumps(line) for line in lines] + [orjson.dumps(request)]
+        target.write_bytes(b"\n".join(body) + b"\n")
+        os.utime(target, (moment.timestamp(), moment.timestamp()))
+        return target
+
+    def state(moment: datetime, event: str, **fields: Any) -> dict[str, Any]:
+        return {"timestamp": stamp(moment), "level": "info", "service": "ingest", "event": event, **fields}
+
+    day = timedelta(days=1)
+    # Three days ago ingest started and both connected; two days ago okx was stopped (not an error).
+    rotated(now - 3 * day, [state(now - 3 * day, "service_starting"),
+                            state(now - 3 * day, "source_connected", source="binance", kind="ws"),
+                            state(now - 3 * day, "source_connected", source="okx", kind="rest")])  # fmt: skip
+    rotated(now - 2 * day, [state(now - 2 * day, "source_disconnected", source="okx", kind="rest",
+                                  reason="stopped")])  # fmt: skip
+    # An ingest start before those would reset them, but the newer start is what counts.
+    rotated(now - 4 * day, [state(now - 4 * day, "service_starting")])
+    log = LogWriter(path)
+    log.request(now - timedelta(minutes=10), "/api/v1/prices", 200, 3.0)
+    log.close()
+
+    report = build_report(path, since, until)
+    assert (report.files, report.files_skipped) == (["coinlytics_system.log"], 3)
+    assert report.lines_read == 1, "the old files' lines are not counted: only searched for source states"
+    sources = {s.source: s for s in report.sources}
+    binance = sources["binance"]
+    assert (binance.uptime, binance.connected_at_end, binance.connects, binance.errors) == (1.0, True, 0, 0)
+    assert (sources["okx"].uptime, sources["okx"].connected_at_end) == (0.0, False)
+
+    # An ingest start after the connects (in a newer old file) takes them down; one that connected after it
+    # is up, and the ones not heard of since are no longer run (not listed).
+    rotated(now - day, [state(now - day, "service_starting"),
+                        state(now - day, "source_connected", source="kraken", kind="ws")])  # fmt: skip
+    sources = {s.source: s for s in build_report(path, since, until).sources}
+    assert set(sources) == {"kraken"}
+    assert (sources["kraken"].uptime, sources["kraken"].connected_at_end) == (1.0, True)
+
+
+def test_a_stopped_disconnect_ends_uptime_but_is_not_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "coinlytics_system.log"
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    log = LogWriter(path)
+    log.line(start + timedelta(minutes=10), "source_connected", service="ingest", source="kraken", kind="ws")
+    log.line(start + timedelta(minutes=40), "source_disconnected", service="ingest", source="kraken", kind="ws",
+             reason="stopped")  # fmt: skip
+    log.close()
+    [kraken] = build_report(path, start, start + timedelta(minutes=60)).sources
+    assert (kraken.uptime, kraken.connected_at_end, kraken.disconnects) == (0.5, False, 1)
+    assert (kraken.errors, kraken.last_error) == (0, None)
+
+
+async def test_ingest_logs_a_stopped_disconnect_when_it_closes_a_link_that_was_up(
+    settings: Settings, redis: Any, sessions: Any
+) -> None:
+    runner = SourceRunner(
+        SimSource("sim", seed=1, interval_seconds=0.05),
+        settings=settings.model_copy(update={"sim_interval_seconds": 0.05}),
+        redis=redis,
+        publisher=StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=settings.stream_maxlen),
+        sessions=sessions,
+    )
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(runner.run(stop))
+
+        async def connected() -> bool:
+            return runner.link_up
+
+        await eventually(connected)
+        stop.set()
+        await task
+        # A link that is already down closes without a word.
+        runner._link_closed()
+    link = [e for e in logs if e["event"] in ("source_connected", "source_disconnected", "source_error")]
+    assert [(e["event"], e.get("reason")) for e in link] == [
+        ("source_connected", None),
+        ("source_disconnected", "stopped"),
+    ]
+    assert link[1]["source"] == "sim" and link[1]["kind"] == link[0]["kind"] == "sim"
+
+
+# --- one report at a time, over at most the retention ---------------------------------------------------------
+
+
+def test_a_window_older_than_the_retention_starts_at_the_retention() -> None:
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    week = now - timedelta(days=7)
+    assert clamp_to_retention(now - timedelta(days=30), now, 7, now) == (week, True)
+    assert clamp_to_retention(now - timedelta(days=2), now, 7, now) == (now - timedelta(days=2), False)
+    with pytest.raises(ValidationFailed):
+        clamp_to_retention(now - timedelta(days=30), now - timedelta(days=8), 7, now)
+
+
+async def test_a_second_report_while_one_is_built_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    path = tmp_path / "coinlytics_system.log"
+    log = LogWriter(path)
+    log.request(datetime.now(UTC) - timedelta(minutes=1), "/api/v1/prices", 200, 3.0)
+    log.close()
+    reports = ReportService(path, retention_days=7, wait_seconds=0.05)
+    report = await reports.report("30d")
+    assert report.window_clamped and report.requests[0].count == 1
+    assert not (await reports.report("1h")).window_clamped
+    async with reports.building:  # a report being built
+        with pytest.raises(ServiceUnavailable) as refused:
+            await reports.report("1h")
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "5"}
+    assert (await reports.report("1h")).requests[0].count == 1, "free again once the other is done"
+
+
 # --- end to end: the gateway logs its requests, and reports them back ---------------------------------------
 
 
@@ -266,7 +453,8 @@ async def test_the_gateway_reports_the_requests_it_served(settings: Settings, sy
                 "login_max_attempts_per_ip": 100_000}
     )  # fmt: skip
     sent: Counter[tuple[str, str, int]] = Counter()
-    async with serve_app(gateway_app(gw)) as base, httpx.AsyncClient(base_url=base, timeout=20) as client:
+    app = gateway_app(gw)
+    async with serve_app(app) as base, httpx.AsyncClient(base_url=base, timeout=20) as client:
 
         async def call(method: str, url: str, route: str, expect: int, **kwargs: Any) -> httpx.Response:
             response = await client.request(method, url, **kwargs)
@@ -310,6 +498,16 @@ async def test_the_gateway_reports_the_requests_it_served(settings: Settings, sy
             return body if seen >= sum(n for (_m, route, _s), n in sent.items() if route != REPORT) else None
 
         body = await eventually(report, timeout=15)
+
+        # While another report is being built, a request waits, then is told when to come back.
+        reports: ReportService = app.state.reports
+        reports.wait_seconds = 0.05
+        async with reports.building:
+            busy = await client.get(REPORT, params={"since": "15m"}, headers=admin)
+        assert busy.status_code == 503, busy.text
+        assert busy.headers["retry-after"] == "5"
+        assert busy.json()["error"]["code"] == "service_unavailable"
+        assert body["window_clamped"] is False
 
     assert body["files"] == ["coinlytics_system.log"]
     assert body["lines_skipped"] == 0

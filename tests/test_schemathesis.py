@@ -46,6 +46,11 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 
 include-name = "PATCH /api/v1/alerts/{alert_id}"
 checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
 
+# A personal API key: expires_at in the future.
+[[operations]]
+include-name = "POST /api/v1/users/me/api-keys"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
+
 # An unsubscribe token that does not verify (the fuzzer cannot forge the HMAC).
 [[operations]]
 include-name = "GET /api/v1/alerts/unsubscribe"
@@ -81,6 +86,28 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 
 [[operations]]
 include-name = "GET /api/v1/admin/report"
 checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 403, 404, 409, 422, 429]
+# The CoinGecko-compatible routes answer CoinGecko's 400 where it does: a vs_currency we publish no prices in
+# (the list is configuration, not schema), neither ids nor symbols given, a range whose from is not before
+# its to or that holds more candles than one answer carries.
+[[operations]]
+include-name = "GET /api/v3/simple/price"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 403, 404, 429]
+[[operations]]
+include-name = "GET /api/v3/coins/markets"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 403, 404, 429]
+[[operations]]
+include-name = "GET /api/v3/coins/{id}/market_chart"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 403, 404, 429]
+[[operations]]
+include-name = "GET /api/v3/coins/{id}/market_chart/range"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 403, 404, 429]
+[[operations]]
+include-name = "GET /api/v3/coins/{id}/ohlc"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 403, 404, 429]
+# This platform runs no conversion service: /api/v3/exchange_rates answers its documented 502.
+[[operations]]
+include-name = "GET /api/v3/exchange_rates"
+checks.not_a_server_error.enabled = false
 """
 ST_PASSWORD = "COINLYTICS_ST_PASSWORD"
 

@@ -1,14 +1,19 @@
 """The system log (shared/system_log.py, shared/logging.py): one JSON-lines file several processes append to,
-rotated by size without losing or tearing a line; the console's readable lines; a full disk that costs log
-lines but never a request; the request and database events of a real service; retention."""
+rotated by size without losing or tearing a line, and without waiting for another process's rotation; the
+console's readable lines, one per event whatever a value holds; a full disk (steadily or by turns) that
+costs log lines but never a request and is said on stderr rarely; the request and database events of a real
+service; each app's own dropped-lines count; retention."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,11 +24,9 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-import shared.logging
-import shared.system_log as system_log_module
 from services.conversion.app import create_app as conversion_app
 from services.gateway.tasks import cron_jobs, system_log_cleanup
-from shared.logging import configure_logging
+from shared.logging import active_system_log, configure_logging
 from shared.settings import ConfigurationError, load_settings
 from shared.system_log import (
     DroppedLinesCollector,
@@ -33,17 +36,19 @@ from shared.system_log import (
     rotated_files,
     rotated_name,
 )
+from shared.timeparse import iso_z
 from tests.conftest import ROOT, make_settings, serve_app
 
 FAILING = "system log: cannot write"
 RECOVERED = "system log: writing to"
+STAMP = r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\]"
 
 
 @pytest.fixture
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """configure_logging changes the process's structlog configuration: put the previous one back."""
+def restore_logging() -> Iterator[None]:
+    """configure_logging changes the process's structlog configuration (its writer included): put the
+    previous one back."""
     saved = structlog.get_config()
-    monkeypatch.setattr(shared.logging, "_active_system_log", shared.logging.active_system_log())
     try:
         yield
     finally:
@@ -127,15 +132,25 @@ def test_console_lines_are_the_seed_format(capsys: pytest.CaptureFixture[str], r
     log.debug("not_shown")
     log.warning("task_failed", task="ecb_rates", job_id="j1", queue="q", attempt=2, duration_ms=12.5,
                 error="HTTPError: 503", will_retry=True)  # fmt: skip
+    try:
+        raise ValueError("bad input\n[2026-12-01 00:00:00] [INFO] forged in a traceback")
+    except ValueError:
+        log.exception("handler_failed", value="a\rb\x1b[2Jc\u2028d\x85e\tf\x00")
     lines = capsys.readouterr().err.splitlines()
-    stamp = r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\]"
-    assert re.fullmatch(stamp + r" \[INFO\] Request started: GET /api/v1/coins", lines[0]), lines[0]
-    assert re.fullmatch(stamp + r" \[INFO\] Source parked: source=binance changed_by=admin@example\.com", lines[1])
+    assert re.fullmatch(STAMP + r" \[INFO\] Request started: GET /api/v1/coins", lines[0]), lines[0]
+    assert re.fullmatch(STAMP + r" \[INFO\] Source parked: source=binance changed_by=admin@example\.com", lines[1])
     assert re.fullmatch(
-        stamp + r" \[WARNING\] Task failed: ecb_rates \(job j1, attempt 2\) after 12\.5 ms: HTTPError: 503; will retry",
+        STAMP + r" \[WARNING\] Task failed: ecb_rates \(job j1, attempt 2\) after 12\.5 ms: HTTPError: 503; will retry",
         lines[2],
     ), lines[2]
-    assert len(lines) == 3
+    # Control characters in a value are written escaped, on the event's one line.
+    assert re.fullmatch(STAMP + r" \[ERROR\] Handler failed: value=.*", lines[3]), lines[3]
+    assert lines[3].endswith(r"value=a\rb\x1b[2Jc\u2028d\x85e\tf\x00"), lines[3]
+    # The traceback follows on indented lines: none of them reads as a line of its own.
+    traceback = lines[4:]
+    assert len(traceback) > 2 and all(line.startswith("    ") for line in traceback), traceback
+    assert "    ValueError: bad input" in traceback
+    assert "    [2026-12-01 00:00:00] [INFO] forged in a traceback" in traceback
 
 
 def test_the_file_gets_info_even_when_stderr_shows_only_warnings(
@@ -155,20 +170,24 @@ def test_the_file_gets_info_even_when_stderr_shows_only_warnings(
     assert list(first)[:4] == ["timestamp", "level", "service", "event"]
     assert first["service"] == "pricing" and first["level"] == "info"
     assert str(first["timestamp"]).endswith("Z")
-    assert datetime.fromisoformat(str(first["timestamp"])).tzinfo is not None
+    when = datetime.fromisoformat(str(first["timestamp"]))
+    assert when.tzinfo is not None
+    assert first["timestamp"] == iso_z(when), "the contract's one way of writing a moment"
 
 
 def test_a_full_disk_drops_lines_says_so_once_and_recovers(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     path = tmp_path / "coinlytics_system.log"
     path.symlink_to("/dev/full")  # every write fails with ENOSPC
-    # The path is looked at on every line, not once a second, so the recovery below is seen at once.
-    monkeypatch.setattr(system_log_module, "REOPEN_CHECK_SECONDS", 0.0)
     writer = SystemLog(path, max_bytes=1024)
+    # The path is looked at on every line, not once a second, and one good write is enough here, so the
+    # recovery below is seen at once (the flapping test keeps the wait for clean writes).
+    writer.reopen_check_seconds = 0.0
+    writer.recovery_seconds = 0.0
     configure_logging("conversion", "ERROR", "json", system_log=writer)
     registry = CollectorRegistry()
-    registry.register(DroppedLinesCollector(lambda: writer))
+    registry.register(DroppedLinesCollector(writer))
     log = structlog.get_logger("test")
     for n in range(1000):
         log.info("request_finished", method="GET", path="/x", route="/x", status=200, duration_ms=1.0, n=n)
@@ -285,10 +304,10 @@ async def test_the_gateway_cleanup_job_uses_the_settings(
     assert job.minute == {17} and job.hour is None  # every hour
 
 
-def test_a_writer_follows_a_rotation_by_another_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_writer_follows_a_rotation_by_another_process(tmp_path: Path) -> None:
     path = tmp_path / "coinlytics_system.log"
-    monkeypatch.setattr(system_log_module, "REOPEN_CHECK_SECONDS", 0.0)
     ours = SystemLog(path, max_bytes=10**9)
+    ours.reopen_check_seconds = 0.0
     assert ours.write(b'{"n":1}')
     aside = tmp_path / "coinlytics_system.20261201T000000.log"
     path.rename(aside)  # what another process's rotation does
@@ -309,11 +328,188 @@ def test_bad_system_log_settings_are_refused_readably(tmp_path: Path) -> None:
     assert settings.system_log_max_mb == 50 and settings.system_log_retention_days == 7
 
 
-def test_a_rotation_also_deletes_expired_files(tmp_path: Path) -> None:
+def test_a_writer_deletes_expired_files_in_a_thread_at_most_once_an_interval(tmp_path: Path) -> None:
     path = tmp_path / "coinlytics_system.log"
     expired = _rotated(path, datetime.now(UTC) - timedelta(days=3))
     kept = _rotated(path, datetime.now(UTC) - timedelta(hours=1))
     writer = SystemLog(path, max_bytes=64, retention_days=2)
     assert writer.write(b'{"event":"x","pad":"' + b"y" * 80 + b'"}')  # past the size: rotated at once
+    first = writer.cleanup_thread
+    assert first is not None and first is not threading.current_thread()
+    first.join(timeout=60)
+    assert not first.is_alive()
     assert not expired.exists() and kept.exists()
     assert len(rotated_files(path)) == 2  # the kept one and the one just rotated
+    # Within the hour: no second pass, however many lines and rotations follow.
+    later = _rotated(path, datetime.now(UTC) - timedelta(days=4))
+    for _ in range(5):
+        assert writer.write(b'{"event":"x","pad":"' + b"y" * 80 + b'"}')
+    assert writer.cleanup_thread is first
+    assert later.exists()
+    writer.cleanup_interval_seconds = 0.0
+    assert writer.write(b'{"event":"x"}')
+    second = writer.cleanup_thread
+    assert second is not None and second is not first
+    second.join(timeout=60)
+    assert not later.exists() and kept.exists()
+    # Without a retention (the settings always give one) a writer leaves the files alone.
+    plain = SystemLog(tmp_path / "other.log")
+    assert plain.write(b'{"event":"x"}')
+    assert plain.cleanup_thread is None
+
+
+def test_a_rotation_does_not_wait_for_another_process_holding_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "coinlytics_system.log"
+    writer = SystemLog(path, max_bytes=64)
+    writer.rotate_retry_seconds = 0.0  # retry at the very next write
+    line = b'{"event":"x","pad":"' + b"y" * 80 + b'"}'
+    lock_fd = os.open(writer.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # Another open file description holding the lock: what a rotating process does.
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        results: list[bool] = []
+        # In a thread: a writer that waited for the lock would never return, and the test would hang.
+        worker = threading.Thread(target=lambda: results.extend(writer.write(line) for _ in range(3)))
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the write waited for the rotation lock"
+        assert results == [True, True, True]
+        assert rotated_files(path) == [], "no rotation without the lock"
+    finally:
+        os.close(lock_fd)  # releases the lock
+    assert writer.write(line)
+    assert len(rotated_files(path)) == 1, "retried at a later write once the lock was free"
+    assert [file.read_bytes().count(b"\n") for file in log_files(path)] == [4, 0]
+
+
+def _point(path: Path, target: Path | str) -> None:
+    """Makes ``path`` a symlink to ``target`` in one step (rename over it), as a flipping disk would look."""
+    link = path.with_name(path.name + ".new")
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    link.replace(path)
+
+
+def test_a_flapping_disk_is_said_rarely_and_recovers_only_after_clean_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A nearly full disk: writes fail and succeed by turns. The path flips between /dev/full (ENOSPC) and a
+    real file; the writer reopens it on every line (reopen check shortened). Only its durations are changed."""
+    if not Path("/dev/full").exists():
+        pytest.skip("this system has no /dev/full to stand in for a full disk")
+    path = tmp_path / "coinlytics_system.log"
+    disk = tmp_path / "disk.log"
+    _point(path, disk)
+    writer = SystemLog(path, service="pricing")
+    writer.reopen_check_seconds = 0.0
+    registry = CollectorRegistry()
+    registry.register(DroppedLinesCollector(writer))
+    dropped, written = 0, []
+    for flip in range(20):
+        _point(path, "/dev/full")
+        for n in range(3):
+            assert not writer.write(tick_line(flip, n))
+            dropped += 1
+        _point(path, disk)
+        for n in range(3, 5):
+            assert writer.write(tick_line(flip, n))
+            written.append((flip, n))
+    err = capsys.readouterr().err
+    assert err.count(FAILING) == 1, err  # twenty outages, one warning (at most one per 10 minutes)
+    assert RECOVERED not in err, "a minute of clean writes has not passed"
+    assert writer.failing
+    assert writer.dropped == dropped == 60
+    assert registry.get_sample_value("system_log_dropped_lines_total") == 60
+    assert [(line["flip"], line["n"]) for line in read_lines(disk)] == written
+
+    # A failed write starts the wait for clean writes again.
+    writer.recovery_seconds = 0.2
+    time.sleep(0.3)  # clean for longer than that since the last round's first good write...
+    _point(path, "/dev/full")
+    assert not writer.write(tick_line(99, 0))
+    _point(path, disk)
+    assert writer.write(tick_line(99, 1))  # ...but only just clean again
+    assert writer.failing
+    time.sleep(0.3)
+    assert writer.write(tick_line(99, 2))
+    assert not writer.failing
+    err = capsys.readouterr().err
+    assert err.count(RECOVERED) == 1 and FAILING not in err, err
+    assert "61 lines were dropped while it failed" in err
+    gap = [line for line in read_lines(disk) if line.get("event") == "system_log_lines_dropped"]
+    assert [(g["count"], g["service"]) for g in gap] == [(61, "pricing")]
+
+    # Failing again within ten minutes of the warning: counted, in the file at its end, not on stderr.
+    writer.recovery_seconds = 0.0
+    _point(path, "/dev/full")
+    for n in range(5):
+        assert not writer.write(tick_line(100, n))
+    _point(path, disk)
+    assert writer.write(tick_line(100, 5))
+    assert capsys.readouterr().err == ""
+    gap = [line for line in read_lines(disk) if line.get("event") == "system_log_lines_dropped"]
+    assert [g["count"] for g in gap] == [61, 5]
+    assert registry.get_sample_value("system_log_dropped_lines_total") == 66
+    # Once the interval has passed, the next outage is said again, with the running total.
+    writer.warn_interval_seconds = 0.0
+    _point(path, "/dev/full")
+    assert not writer.write(tick_line(101, 0))
+    err = capsys.readouterr().err
+    assert err.count(FAILING) == 1 and "(67 so far" in err, err
+
+
+def tick_line(flip: int, n: int) -> bytes:
+    return json.dumps({"event": "tick", "flip": flip, "n": n}).encode()
+
+
+async def test_a_request_path_with_control_characters_is_one_console_line(
+    tmp_path: Path, clean_db: str, server_redis_url: str, namespace: str, restore_logging: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    settings = make_settings(clean_db, server_redis_url, namespace, sources=["binance"], data_dir=tmp_path)
+    configure_logging("conversion", "INFO", "console", system_log=SystemLog.for_settings(settings, "conversion"))
+    forged = "[2026-12-01 00:00:00] [ERROR] forged"
+    raw_path = "/no/such%0A" + forged.replace(" ", "%20") + "%1B[2J%E2%80%A8end"
+    async with serve_app(conversion_app(settings)) as url, httpx.AsyncClient(base_url=url) as client:
+        capsys.readouterr()
+        response = await client.get(raw_path)
+        assert response.status_code == 404
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    mentioning = [line for line in lines if "forged" in line]
+    escaped = "/no/such\\n" + forged + "\\x1b[2J\\u2028end"
+    assert len(mentioning) == 2, err  # request_started and request_finished, one line each
+    assert re.fullmatch(STAMP + r" \[INFO\] Request started: GET " + re.escape(escaped), mentioning[0]), err
+    assert re.fullmatch(
+        STAMP + r" \[INFO\] Request finished: GET " + re.escape(escaped) + r" 404 in .* ms", mentioning[1]
+    )
+    assert not any(line.startswith(forged) for line in lines)
+    assert "\x1b" not in err and "\u2028" not in err
+    # The file keeps the path as it was asked for (JSON escapes it).
+    requests = [line for line in read_lines(settings.system_log_file()) if line["event"] == "request_started"]
+    assert [r["path"] for r in requests] == ["/no/such\n" + forged + "\x1b[2J\u2028end"]
+
+
+async def test_each_app_counts_the_drops_of_the_writer_it_was_built_with(
+    tmp_path: Path, clean_db: str, server_redis_url: str, namespace: str, restore_logging: None
+) -> None:
+    settings = make_settings(clean_db, server_redis_url, namespace, sources=["binance"], data_dir=tmp_path)
+    good = SystemLog(tmp_path / "good.log")
+    configure_logging("conversion", "ERROR", "json", system_log=good)
+    first = conversion_app(settings)
+    full = tmp_path / "full.log"
+    full.symlink_to("/dev/full")
+    bad = SystemLog(full)
+    configure_logging("conversion", "ERROR", "json", system_log=bad)  # a second app in the process
+    assert active_system_log() is bad
+    second = conversion_app(settings)
+    log = structlog.get_logger("test")
+    for n in range(5):
+        log.info("tick", n=n)  # structlog is the process's: into the last writer, dropped
+    async with serve_app(first) as url_1, serve_app(second) as url_2, httpx.AsyncClient() as client:
+        metrics_1 = (await client.get(f"{url_1}/metrics")).text
+        metrics_2 = (await client.get(f"{url_2}/metrics")).text
+    assert bad.dropped >= 5 and good.dropped == 0
+    assert re.search(r"^system_log_dropped_lines_total 0\.0$", metrics_1, re.M), metrics_1
+    counted = re.search(r"^system_log_dropped_lines_total (\S+)$", metrics_2, re.M)
+    assert counted and float(counted.group(1)) >= 5, metrics_2

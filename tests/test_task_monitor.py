@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from arq.constants import in_progress_key_prefix, result_key_prefix
 from arq.cron import cron
 from arq.jobs import Job
 from arq.worker import Retry, func
@@ -23,11 +27,11 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from services.gateway.app import create_app as gateway_app
-from shared.jobs import JobQueue, TaskKeys, supervise_worker
+from shared.jobs import JobQueue, TaskKeys, in_progress_expiry, supervise_worker
 from shared.settings import Settings
 from shared.supervisor import Supervisor
 from tests.accounts import bearer, register, tokens
-from tests.conftest import eventually, free_port, serve_app
+from tests.conftest import ROOT, eventually, free_port, make_settings, serve_app
 
 QUEUE = "monitor-tests"
 TASKS = "/api/v1/admin/tasks"
@@ -66,9 +70,14 @@ async def tick(ctx: dict[str, Any]) -> None:
     return None
 
 
+# ``waits`` with one try: a run cut short is not run again.
+WAITS_ONCE = "waits_once"
 FUNCTIONS = [
-    double, func(breaks, max_tries=1), func(heals, max_tries=1), func(flaky, max_tries=3), func(waits, max_tries=3)
+    double, func(breaks, max_tries=1), func(heals, max_tries=1), func(flaky, max_tries=3), func(waits, max_tries=3),
+    func(waits, name=WAITS_ONCE, max_tries=1),
 ]  # fmt: skip
+# The worker killed in a test: a short timeout, so that arq's in-progress key of its job expires soon.
+CRASH_TIMEOUT = 2.0
 
 
 @contextlib.asynccontextmanager
@@ -93,9 +102,9 @@ class Monitor:
     jobs: JobQueue
     supervisor: Supervisor
 
-    async def enqueue(self, function: str, *args: Any, defer: float | None = None) -> str:
+    async def enqueue(self, function: str, *args: Any, defer: float | None = None, queue: str = QUEUE) -> str:
         job_id = f"{function}-{uuid.uuid4().hex}"
-        assert await self.jobs.enqueue(QUEUE, function, *args, job_id=job_id, defer_seconds=defer)
+        assert await self.jobs.enqueue(queue, function, *args, job_id=job_id, defer_seconds=defer)
         return job_id
 
     async def job(self, job_id: str) -> dict[str, Any]:
@@ -112,11 +121,11 @@ class Monitor:
         found: dict[str, Any] = await eventually(check, timeout=20)
         return found
 
-    async def queue(self, **params: Any) -> dict[str, Any]:
-        response = await self.client.get(TASKS, params={"queue": QUEUE, **params}, headers=self.admin)
+    async def queue(self, name: str = QUEUE, **params: Any) -> dict[str, Any]:
+        response = await self.client.get(TASKS, params={"queue": name, **params}, headers=self.admin)
         assert response.status_code == 200, response.text
         queues = response.json()["queues"]
-        assert [q["name"] for q in queues] == [QUEUE]
+        assert [q["name"] for q in queues] == [name]
         body: dict[str, Any] = queues[0]
         return body
 
@@ -324,3 +333,145 @@ async def test_a_worker_stopped_mid_job_leaves_it_queued_for_arq_to_run_again(se
             await eventually(lambda: status("running", 2), timeout=20)
     finally:
         await jobs.close()
+
+
+async def test_a_last_try_cut_short_by_a_stopping_worker_is_failed_by_arq_and_shown_failed(monitor: Monitor) -> None:
+    """A one-try job whose worker stops mid-job stays in arq's queue; the next worker to take it has no try
+    left, so arq fails it without calling the job (nor the wrapper): the monitor shows it failed, from arq's
+    result (or, that gone, as the worker's death), and it can be retried."""
+    queue = f"monitor-stops-{uuid.uuid4().hex[:8]}"
+    async with worker(monitor.settings, queue):
+        job_id = await monitor.enqueue(WAITS_ONCE, queue=queue)
+        running = await monitor.settled(job_id, "running")
+    cut = await monitor.job(job_id)
+    # arq keeps it queued: the next worker decides.
+    assert (cut["status"], cut["attempt"], cut["will_retry"]) == ("queued", 1, False)
+    assert cut["error"].startswith("CancelledError: the worker stopped during the job")
+    refused = await monitor.client.post(f"{TASKS}/{job_id}/retry", headers=monitor.admin)
+    assert refused.status_code == 409
+
+    with structlog.testing.capture_logs() as logs:
+        async with worker(monitor.settings, queue):
+            failed = await monitor.settled(job_id, "failed")
+            listed = await monitor.queue(queue, status="failed")
+    assert failed["error"].startswith("arq gave up on the job: JobExecutionFailed: max 1 retries exceeded")
+    assert "(last run: CancelledError: the worker stopped during the job" in failed["error"]
+    assert (failed["attempt"], failed["will_retry"], failed["started_at"]) == (1, False, running["started_at"])
+    assert failed["finished_at"] >= running["started_at"]
+    assert [j["job_id"] for j in listed["failed"]] == [job_id] and listed["counts"]["failed"] == 1
+    # Not run again: the wrapper saw no second start.
+    assert not [e for e in logs if e["event"] == "task_started" and e.get("job_id") == job_id]
+
+    # arq's result expires an hour later: the record alone still says the job is over.
+    redis = Redis.from_url(monitor.settings.require_redis_url())
+    try:
+        assert await redis.delete(result_key_prefix + job_id) == 1
+    finally:
+        await redis.aclose()
+    gone = await monitor.job(job_id)
+    assert gone["status"] == "failed" and gone["error"].startswith("the worker stopped during the job and arq gave up")
+
+    response = await monitor.client.post(f"{TASKS}/{job_id}/retry", headers=monitor.admin)
+    assert response.status_code == 202, response.text
+    assert (await monitor.job(response.json()["job_id"]))["retry_of"] == job_id
+
+
+def crashing_worker(database_url: str, redis_url: str, namespace: str, queue: str) -> None:
+    """A worker of ``queue`` in a child process (the test kills it with SIGKILL): ``waits_once`` only, with a
+    short timeout."""
+
+    async def main() -> None:
+        settings = make_settings(database_url, redis_url, namespace)
+        supervisor = Supervisor("monitor-crash", CollectorRegistry())
+        supervise_worker(
+            supervisor, settings, queue, functions=[func(waits, name=WAITS_ONCE, max_tries=1, timeout=CRASH_TIMEOUT)],
+            job_timeout=CRASH_TIMEOUT, poll_delay=0.05,
+        )  # fmt: skip
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def test_a_job_whose_worker_was_killed_and_that_arq_then_fails_is_shown_failed(
+    monitor: Monitor, redis: Redis
+) -> None:
+    """kill -9 of the worker mid-job: no wrapper writes the end, the record says running. Once arq's in-progress
+    key expires the job is queued again; the next worker has no try left and arq fails it without the job."""
+    queue = f"monitor-crash-{uuid.uuid4().hex[:8]}"
+    settings = monitor.settings
+    code = "import sys; from tests.test_task_monitor import crashing_worker; crashing_worker(*sys.argv[1:])"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, settings.database_url, settings.require_redis_url(), settings.redis_namespace,
+        queue, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        job_id = await monitor.enqueue(WAITS_ONCE, queue=queue)
+        running = await monitor.settled(job_id, "running")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGKILL)
+        await child.wait()
+    # The dead worker's job: still in progress for arq, so still running here.
+    ttl = await redis.pttl(in_progress_key_prefix + job_id)
+    assert 0 < ttl <= in_progress_expiry(CRASH_TIMEOUT) * 1000
+    assert (await monitor.job(job_id))["status"] == "running"
+
+    # Past the expiry it waits in arq's queue again, then a worker takes it and arq fails it.
+    async def expired() -> bool:
+        return not await redis.exists(in_progress_key_prefix + job_id)
+
+    await eventually(expired, timeout=in_progress_expiry(CRASH_TIMEOUT) + 10, interval=0.2)
+    assert (await monitor.job(job_id))["status"] == "queued"
+    async with worker(settings, queue):
+        failed = await monitor.settled(job_id, "failed")
+        listed = await monitor.queue(queue)
+    assert failed["error"] == "arq gave up on the job: JobExecutionFailed: max 1 retries exceeded"
+    assert (failed["attempt"], failed["max_tries"], failed["started_at"]) == (1, 1, running["started_at"])
+    assert [j["job_id"] for j in listed["failed"]] == [job_id]
+    assert listed["running"] == [] and listed["counts"]["failed"] == 1 and listed["counts"]["running"] == 0
+    response = await monitor.client.post(f"{TASKS}/{job_id}/retry", headers=monitor.admin)
+    assert response.status_code == 202, response.text
+
+
+async def test_an_aborted_job_is_recorded_failed_not_queued_again(monitor: Monitor, redis: Redis) -> None:
+    job_id = await monitor.enqueue("waits")  # three tries: a stop would run it again, an abort does not
+    await monitor.settled(job_id, "running")
+    assert monitor.jobs.pool is not None
+    aborted = Job(job_id, monitor.jobs.pool, _queue_name=monitor.settings.key("arq", QUEUE))
+    assert await aborted.abort(timeout=20, poll_delay=0.1) is True
+    failed = await monitor.settled(job_id, "failed")
+    assert (failed["error"], failed["will_retry"], failed["attempt"]) == (
+        "CancelledError: the job was aborted", False, 1
+    )  # fmt: skip
+    assert await redis.zscore(monitor.settings.key("arq", QUEUE), job_id) is None
+    assert job_id in [j["job_id"] for j in (await monitor.queue(status="failed"))["failed"]]
+    registry = monitor.supervisor.registry
+    assert registry is not None
+    assert registry.get_sample_value("jobs_total", {"task": "waits", "queue": QUEUE, "outcome": "failed"}) == 1
+    assert registry.get_sample_value("jobs_total", {"task": "waits", "queue": QUEUE, "outcome": "retried"}) is None
+
+
+async def test_two_retries_of_one_failed_job_at_once_make_one_new_job(monitor: Monitor, redis: Redis) -> None:
+    flag = monitor.settings.key("tests", "healed", uuid.uuid4().hex)
+    first = await monitor.enqueue("heals", flag)
+    await monitor.settled(first, "failed")
+    await redis.set(flag, "1", ex=600)
+
+    url = f"{TASKS}/{first}/retry"
+    one, two = await asyncio.gather(
+        monitor.client.post(url, headers=monitor.admin), monitor.client.post(url, headers=monitor.admin)
+    )
+    assert sorted([one.status_code, two.status_code]) == [200, 202], (one.text, two.text)
+    assert one.json()["job_id"] == two.json()["job_id"]
+    new_id = one.json()["job_id"]
+    await monitor.settled(new_id, "completed")
+    # One record and one arq result for the retries of ``first``: one job was enqueued.
+    records = [k async for k in redis.scan_iter(match=TaskKeys(monitor.settings).job(f"{first}:retry:*"))]
+    results = [k async for k in redis.scan_iter(match=f"{result_key_prefix}{first}:retry:*")]
+    assert (len(records), len(results)) == (1, 1)
+    assert (await monitor.job(first))["retried_as"] == new_id
+
+    # Asked again later: the same retry, as it is now.
+    again = await monitor.client.post(url, headers=monitor.admin)
+    assert again.status_code == 200
+    assert (again.json()["job_id"], again.json()["status"], again.json()["retry_of"]) == (new_id, "completed", first)

@@ -13,7 +13,7 @@ from services.alerting.api import router
 from services.alerting.delivery import DeliveryService
 from services.alerting.email.consumers import EmailConsumer
 from services.alerting.email.service import EmailSender
-from services.alerting.evaluation import DELIVERY_QUEUE, EvaluationService
+from services.alerting.evaluation import DELIVERY_QUEUE, EvaluationService, evaluator_shard
 from services.alerting.schemas import without_channels
 from services.alerting.service import AlertService
 from services.alerting.tasks import CRON_JOBS, DELIVERY_FUNCTIONS, DELIVERY_JOB_TIMEOUT, FUNCTIONS
@@ -77,6 +77,8 @@ async def lifespan(app: FastAPI, resources: Resources) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    # Resolved before anything starts, so a bad COINLYTICS_SHARD stops the process with its message.
+    evaluator_shard(settings)
     app = build_service_app(
         "alerting",
         settings,

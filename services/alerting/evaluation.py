@@ -7,6 +7,12 @@ stream in the ``alerting`` consumer group. The lease keeps two replicas from bot
 redelivered price from firing twice: it is derived from the alert and the price event, and stored with ON
 CONFLICT DO NOTHING.
 
+With ``alerting_shards`` N > 1 the rules are partitioned by coin (``shared.sharding.shard_of``): replica i
+evaluates only the rules of its coins, in its own group ``alerting.<i>`` under its own lease
+``alerting:evaluator:lease.<i>`` (so a standby of the same shard can take over), and acknowledges the other
+coins' prices without evaluating them. Each shard follows every alert change and keeps only its coins' rules,
+so an edit that moves a rule to another shard's coin is dropped by the one and picked up by the other.
+
 Each trigger is stored (event, one delivery row per channel, the alert's ``last_fired_at``) in one transaction
 before anything is sent; only after the commit are the delivery jobs enqueued and the event published for live
 push. The last evaluated price of each pair is kept in Redis so that a restarted (or new) leader compares the
@@ -40,6 +46,7 @@ from shared.db import transaction
 from shared.jobs import JobQueue
 from shared.models import Alert
 from shared.settings import Settings
+from shared.sharding import shard_of
 from shared.streams import (
     ALERT_EVENTS_STREAM,
     PRICES_STREAM,
@@ -55,6 +62,9 @@ from shared.timeparse import iso_z
 log = structlog.get_logger("alerting")
 
 EVALUATOR_GROUP = "alerting"
+# Symbols whose shard is remembered (a price's coin is looked up on every price); cleared when full, as only
+# a garbled stream would bring that many.
+OWNED_CACHE_SIZE = 100_000
 # The queue delivery jobs run in (its own worker: many concurrent sends, a short job timeout).
 DELIVERY_QUEUE = "alerting-delivery"
 DELIVER_JOB = "deliver_alert"
@@ -76,6 +86,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+def evaluator_group(shards: int, shard: int) -> str:
+    """The consumer group of shard ``shard`` on the prices stream: ``alerting`` unsharded (existing installs
+    keep their group and its position), ``alerting.<i>`` otherwise."""
+    return EVALUATOR_GROUP if shards == 1 else f"{EVALUATOR_GROUP}.{shard}"
+
+
+def evaluator_shard(settings: Settings) -> int:
+    """This replica's alerting shard. Unsharded, every replica is shard 0 (one leads, the others stand by),
+    whatever COINLYTICS_SHARD says: a StatefulSet pod alerting-1 is then a standby, not a misconfiguration.
+    Sharded, COINLYTICS_SHARD must name one of the shards (ConfigurationError otherwise)."""
+    return 0 if settings.alerting_shards == 1 else settings.shard_index(settings.alerting_shards)
+
+
+def lease_name(shards: int, shard: int) -> str:
+    return "lease" if shards == 1 else f"lease.{shard}"
 
 
 def delivery_job_id(event_id: uuid.UUID | str, channel_index: int) -> str:
@@ -150,6 +177,28 @@ def webhook_body(payload: dict[str, Any]) -> bytes:
     return json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
 
 
+class OwnedCoins:
+    """Whether a coin is one shard's, remembered per symbol: every price entry asks, and the answer for a
+    symbol never changes while the process runs."""
+
+    __slots__ = ("_known", "shard", "shards")
+
+    def __init__(self, shards: int, shard: int) -> None:
+        self.shards = shards
+        self.shard = shard
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, symbol: str) -> bool:
+        if self.shards == 1:
+            return True
+        owned = self._known.get(symbol)
+        if owned is None:
+            if len(self._known) >= OWNED_CACHE_SIZE:
+                self._known.clear()
+            owned = self._known[symbol] = shard_of(symbol, self.shards) == self.shard
+        return owned
+
+
 class PriceUpdate:
     """One price event as the engine needs it; PoisonMessage when it isn't one."""
 
@@ -196,9 +245,16 @@ class EvaluationService:
         self.fired_total = Counter(
             "alert_fired_total", "Alert events fired (stored once per event id)", registry=registry
         )
-        self.name = consumer_name or default_consumer_name(EVALUATOR_GROUP)
+        self.shards = settings.alerting_shards
+        self.shard = evaluator_shard(settings)
+        self.group = evaluator_group(self.shards, self.shard)
+        self._owned = OwnedCoins(self.shards, self.shard)
+        self.name = consumer_name or default_consumer_name(self.group)
         self.engine = AlertEngine()
-        self.lease_key = settings.key("alerting", "evaluator", "lease")
+        self.lease_key = settings.key("alerting", "evaluator", lease_name(self.shards, self.shard))
+        # One hash for every shard (each reads and writes only its own pairs' fields): after the shard count
+        # changes, a pair's new owner still finds the last price evaluated for it, so prices the old owner
+        # evaluated are not evaluated again and a crossing in between still fires.
         self.references_key = settings.key("alerting", "evaluator", "references")
         self.changes_stream = settings.key("stream", ALERT_CHANGES_STREAM)
         self.leading = False
@@ -212,12 +268,26 @@ class EvaluationService:
             redis,
             settings,
             stream=PRICES_STREAM,
-            group=EVALUATOR_GROUP,
+            group=self.group,
             consumer=self.name,
             handle_one=self.handle_one,
             handle_batch=self.handle_batch,
             metrics=stream_metrics,
         )
+
+    # --- shard --------------------------------------------------------------------------------
+
+    def owns(self, symbol: str) -> bool:
+        """Whether this replica's shard evaluates the rules of ``symbol``."""
+        return self._owned(symbol)
+
+    def _wanted(self, message: StreamMessage) -> bool:
+        """False for a price of another shard's coin: acknowledged without being parsed further. An entry
+        without a readable coin is kept, so that parsing it dead-letters it as before."""
+        if self.shards == 1:
+            return True
+        base = message.payload().get("base")
+        return not isinstance(base, str) or self.owns(base)
 
     # --- leadership ----------------------------------------------------------------------------
 
@@ -238,7 +308,12 @@ class EvaluationService:
             if not await self._acquire():
                 if not standby_logged:
                     holder = await self.redis.get(self.lease_key)
-                    log.info("alert_evaluator_standby", consumer=self.name, leader=holder and holder.decode())
+                    log.info(
+                        "alert_evaluator_standby",
+                        consumer=self.name,
+                        shard=self.shard,
+                        leader=holder and holder.decode(),
+                    )
                     standby_logged = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=LEASE_RENEW_SECONDS)
@@ -293,7 +368,7 @@ class EvaluationService:
             if lost.is_set():
                 return  # the lease lapsed while loading: another replica leads now
             self.leading = True
-            log.info("alert_evaluator_leading", consumer=self.name, **self.engine.counts())
+            log.info("alert_evaluator_leading", consumer=self.name, shard=self.shard, **self.engine.counts())
             tasks += [
                 asyncio.create_task(follow_changes(), name="alert-changes"),
                 asyncio.create_task(self.consumer.run(lost), name="alert-prices"),
@@ -316,7 +391,8 @@ class EvaluationService:
     # --- rules ---------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Every evaluable rule from PostgreSQL, and the last evaluated price of each pair from Redis."""
+        """Every evaluable rule of this shard's coins from PostgreSQL, and the last evaluated price of each of
+        their pairs from Redis."""
         async with self._rules_lock:
             await self._load()
 
@@ -324,11 +400,17 @@ class EvaluationService:
         started = time.monotonic()
         now = datetime.now(UTC)
         async with self.sessions() as session:
-            alerts = await repository.armed_alerts(session, now)
+            symbols = None
+            if self.shards > 1:
+                # The coins first (a few thousand at most), then only their rules: a shard never reads the
+                # other shards' million rows.
+                symbols = [s for s in await repository.alert_symbols(session) if self.owns(s)]
+            alerts = await repository.armed_alerts(session, now, symbols=symbols)
             rules = [rule_of(a) for a in alerts]
         self.engine.load(rules)
         await self._seed_windows(now)
         references = await self.redis.hgetall(self.references_key)
+        # Other shards' pairs have no book here and are skipped.
         for field, blob in references.items():
             symbol, _, vs = field.decode().partition(":")
             book = self.engine.books.get((symbol, vs))
@@ -345,7 +427,7 @@ class EvaluationService:
                 log.warning("alert_reference_unreadable", pair=field.decode())
         self._dirty = False
         self.loaded_at = time.monotonic()
-        log.info("alert_rules_loaded", rules=len(rules), seconds=round(time.monotonic() - started, 3))
+        log.info("alert_rules_loaded", rules=len(rules), shard=self.shard, seconds=round(time.monotonic() - started, 3))
 
     async def _window_samples(
         self, needed: dict[tuple[str, str], int], now: datetime
@@ -378,15 +460,24 @@ class EvaluationService:
         ids: list[uuid.UUID] = []
         for message in messages:
             try:
-                ids.append(uuid.UUID(str(message.payload()["id"])))
-            except (KeyError, ValueError, TypeError):
+                payload = message.payload()
+                alert_id = uuid.UUID(str(payload["id"]))
+            except (KeyError, ValueError, TypeError, PoisonMessage):
                 log.warning("alert_change_unreadable", entry_id=message.id)
+                continue
+            # The change names the alert's coin after it: another shard's coin concerns this shard only if
+            # the rule is here (it moved away, and is removed below). Anything else is read from PostgreSQL.
+            symbol = payload.get("symbol")
+            if isinstance(symbol, str) and not self.owns(symbol) and str(alert_id) not in self.engine.rules:
+                continue
+            ids.append(alert_id)
         if not ids:
             return
         now = datetime.now(UTC)
         async with self.sessions() as session:
             found = {a.id: a for a in await repository.alerts_by_ids(session, ids)}
-        rules = {alert_id: rule_of(a) for alert_id, a in found.items() if evaluable(a, now)}
+        # A rule of another shard's coin is removed here like a deleted one; its shard adds it.
+        rules = {alert_id: rule_of(a) for alert_id, a in found.items() if evaluable(a, now) and self.owns(a.symbol)}
         # Windows that get longer need earlier prices; fetched before the rules change, so no price is
         # evaluated between a new rule's arrival and its window's history.
         current = self.engine.windows_needed()
@@ -408,12 +499,12 @@ class EvaluationService:
     # --- prices --------------------------------------------------------------------------------
 
     async def handle_one(self, message: StreamMessage) -> None:
-        await self.evaluate([PriceUpdate(message)])
+        await self.evaluate([PriceUpdate(message)] if self._wanted(message) else [])
 
     async def handle_batch(self, messages: list[StreamMessage]) -> None:
         # Parsed first: a malformed entry fails the batch before the engine has seen any of it, and the
         # consumer retries the entries one by one (dead-lettering that one).
-        await self.evaluate([PriceUpdate(m) for m in messages])
+        await self.evaluate([PriceUpdate(m) for m in messages if self._wanted(m)])
 
     async def evaluate(self, updates: Iterable[PriceUpdate]) -> None:
         if self._dirty:
@@ -422,6 +513,8 @@ class EvaluationService:
         touched: dict[tuple[str, str], None] = {}
         evaluated = 0
         for update in updates:
+            if not self.owns(update.symbol):
+                continue  # counted by the shard that owns it
             evaluated += 1
             triggers = self.engine.on_price(
                 update.symbol, update.vs, update.price, update.status, update.at, spread_pct=update.spread_pct

@@ -98,9 +98,15 @@ async def alert_events(
 # --- evaluation and delivery -------------------------------------------------------------------------
 
 
-async def armed_alerts(session: AsyncSession, now: datetime) -> list[Any]:
-    """Every rule the engine evaluates (not paused, not expired, not a one-shot that has fired), as rows of
-    the columns it needs: a million ORM objects would take far longer to build."""
+async def alert_symbols(session: AsyncSession) -> list[str]:
+    """Every coin some alert is on (an index-only scan of ix_alerts_symbol_vs). Read-only."""
+    return list((await session.scalars(select(Alert.symbol).distinct())).all())
+
+
+async def armed_alerts(session: AsyncSession, now: datetime, *, symbols: Sequence[str] | None = None) -> list[Any]:
+    """Every rule the engine evaluates (not paused, not expired, not a one-shot that has fired), of the
+    given coins (all without ``symbols``: an evaluator shard passes its own), as rows of the columns it
+    needs: a million ORM objects would take far longer to build."""
     columns = (
         Alert.id, Alert.symbol, Alert.vs, Alert.condition, Alert.threshold, Alert.cooldown_seconds, Alert.one_shot,
         Alert.window_minutes, Alert.expires_at, Alert.paused, Alert.last_fired_at,
@@ -110,6 +116,8 @@ async def armed_alerts(session: AsyncSession, now: datetime) -> list[Any]:
         (Alert.expires_at.is_(None)) | (Alert.expires_at > now),
         ~(Alert.one_shot & Alert.last_fired_at.is_not(None)),
     )
+    if symbols is not None:
+        query = query.where(Alert.symbol.in_(list(symbols)))
     return list((await session.execute(query)).all())
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from services.conversion.schemas import ConvertOut, RatesOut
 from services.conversion.service import ConversionService, parse_amount, parse_currency
 from shared.errors import error_responses
-from shared.responses import DecimalJSONResponse
+from shared.responses import FastDecimalJSONResponse
 from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
 from shared.validation import SYMBOL_PATTERN, TIME_DESCRIPTION, TIME_SCHEMA
@@ -73,13 +73,13 @@ async def convert(
     precision: int | None = Query(
         default=None, ge=0, le=30, description="decimal places (fiat) or significant digits (crypto)", examples=[8]
     ),
-) -> DecimalJSONResponse:
+) -> FastDecimalJSONResponse:
     src = parse_currency(from_, "from")
     dst = parse_currency(to, "to")
     value = parse_amount(amount)
     moment = parse_time(at, "at") if at is not None else None
     body = await service.convert(src, dst, value, at=moment, precision=precision)
-    return DecimalJSONResponse(body)
+    return FastDecimalJSONResponse(body)
 
 
 @router.get(
@@ -96,6 +96,6 @@ async def rates(
     base: str = Query(
         default="USD", description="the currency rates are expressed against", pattern=SYMBOL_PATTERN, examples=["USD"]
     ),
-) -> DecimalJSONResponse:
+) -> FastDecimalJSONResponse:
     body = await service.rates(parse_currency(base, "base"))
-    return DecimalJSONResponse(body)
+    return FastDecimalJSONResponse(body)

@@ -107,6 +107,8 @@ class Route:
     path: list[str]
     legs: list[tuple[Edge, bool]]
     rate: Decimal  # exact to CALC precision
+    _leg_dicts: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    _rate_shown: Decimal | None = field(default=None, repr=False, compare=False)
 
     @property
     def as_of(self) -> datetime:
@@ -120,10 +122,20 @@ class Route:
         )
 
     def leg_dicts(self) -> list[dict[str, Any]]:
-        return [
-            edge.leg(forward, edge.rate if forward else CALC.divide(Decimal(1), edge.rate))
-            for edge, forward in self.legs
-        ]
+        # Memoised with the route (a table memoises its routes): the same legs are shown on every conversion
+        # until the table is rebuilt. Read-only for callers: the body is encoded as it is.
+        if self._leg_dicts is None:
+            self._leg_dicts = [
+                edge.leg(forward, edge.rate if forward else CALC.divide(Decimal(1), edge.rate))
+                for edge, forward in self.legs
+            ]
+        return self._leg_dicts
+
+    def rate_shown(self) -> Decimal:
+        """``rate_out(rate)``, memoised like the legs."""
+        if self._rate_shown is None:
+            self._rate_shown = rate_out(self.rate)
+        return self._rate_shown
 
 
 class NoRoute(Exception):
@@ -184,12 +196,18 @@ class RateTable:
 
     def route(self, src: str, dst: str) -> Route:
         """The best usable route; raises NoRoute. Memoised: a table is rebuilt whenever its data changes."""
-        if src > dst:
-            return self.route(dst, src).reversed()
         key = (src, dst)
         found = self._routes.get(key)
         if found is None:
-            found = self._search(src, dst)
+            if src > dst:
+                # The reverse direction is the same path reversed; memoised too, so its exact reciprocal
+                # rate and legs are computed once per table, not per conversion.
+                try:
+                    found = self.route(dst, src).reversed()
+                except NoRoute as exc:
+                    found = exc
+            else:
+                found = self._search(src, dst)
             self._routes[key] = found
         if isinstance(found, NoRoute):
             raise found

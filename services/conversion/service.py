@@ -27,7 +27,6 @@ from services.conversion.rates import (
     measured_stablecoin_rates,
     parse_iso,
     plain,
-    rate_out,
     rounding_for,
     table_from_fields,
     utcnow,
@@ -460,7 +459,7 @@ class ConversionService:
             "to": dst,
             "amount": amount,
             "result": plain(result),
-            "rate": rate_out(route.rate),
+            "rate": route.rate_shown(),
             "path": route.path,
             "legs": route.leg_dicts(),
             "as_of": iso_z(route.as_of),
@@ -484,7 +483,7 @@ class ConversionService:
                 unavailable.append(currency)
                 continue
             rates[currency] = {
-                "rate": rate_out(route.rate),
+                "rate": route.rate_shown(),
                 "kind": table.kind(currency),
                 "path": route.path,
                 "as_of": iso_z(route.as_of),

@@ -12,10 +12,12 @@ from starlette.routing import Route
 
 from services.gateway import security
 from services.gateway import tasks as gateway_tasks
-from services.gateway.api import FORWARD_ROUTE, own_routes, router
+from services.gateway.api import FORWARD_ROUTE, ForwardFirstRoute, OwnMethods, own_routes, router, service_only_segments
 from services.gateway.auth import tasks as auth_tasks
 from services.gateway.auth.api import router as auth_router
 from services.gateway.auth.service import AuthService
+from services.gateway.compat.api import router as compat_router
+from services.gateway.compat.service import CompatService
 from services.gateway.consumers import activity_consumer
 from services.gateway.live.api import router as live_router
 from services.gateway.live.service import LiveHub
@@ -48,7 +50,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
         app.state.web = WebService(settings, app.state.auth)
         app.state.upstreams = Upstreams(settings)
-        app.state.reports = ReportService(settings.system_log_file())
+        app.state.compat = CompatService(settings, app.state.upstreams)
+        app.state.reports = ReportService(settings.system_log_file(), settings.system_log_retention_days)
         app.state.tasks_monitor = TaskMonitor(settings, resources.redis, JobQueue(settings))
         hub = LiveHub(
             settings, resources.redis, resources.sessions, app.state.authenticator, app.state.limiter, app.state.auth,
@@ -72,21 +75,23 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.upstreams.close()
             await app.state.tasks_monitor.jobs.close()
 
+    gateway_routers = [
+        auth_router,
+        router,
+        live_router,
+        reports_router,
+        tasks_monitor_router,
+        compat_router,
+        web_session_router,
+        web_router,
+    ]
     app = build_service_app(
         "gateway",
         settings,
         title="Coinlytics API",
         description="The public API of Coinlytics.",
         # The forwarding catch-all is appended after these, so it never shadows a documented route.
-        routers=[
-            auth_router,
-            router,
-            live_router,
-            reports_router,
-            tasks_monitor_router,
-            web_session_router,
-            web_router,
-        ],
+        routers=gateway_routers,
         lifespan=lifespan,
         serve_docs=False,
     )
@@ -97,7 +102,11 @@ def create_app(settings: Settings) -> FastAPI:
     install_docs(app, openapi_url="/openapi.json", title="Coinlytics API")
     # The dashboard's stylesheet, scripts and icon (services/gateway/web/static), from this origin only.
     app.mount("/static", StaticFiles(directory=WEB_STATIC), name="web-static")
+    app.state.own_methods = OwnMethods(app.state.own_routes)
     app.router.routes.append(FORWARD_ROUTE)
+    # Tried first, only for the path segments that no route above could answer (services/gateway/api.py).
+    own_paths = [route for r in gateway_routers for route in r.routes]
+    app.router.routes.insert(0, ForwardFirstRoute(service_only_segments(own_paths)))
     # Last of all: an unknown address answers a page to a browser (and the error shape to an API client).
     app.router.routes.append(Route("/{path:path}", not_found_page, methods=["GET"], include_in_schema=False))
     security.install(app, settings)

@@ -13,10 +13,11 @@ import structlog
 from fastapi import Request, Response
 from yarl import URL
 
+from services.gateway.guard import API_KEY_HEADERS
 from shared.auth import INTERNAL_HEADERS, Principal, sign_internal
 from shared.errors import BadGateway, GatewayTimeout, NotFound
 from shared.logging import CORRELATION_HEADER, get_correlation_id
-from shared.service_app import ROUTE_HEADER, ROUTE_TEMPLATE_KEY
+from shared.service_app import ROUTE_HEADER, ROUTE_TEMPLATE_KEY, UPSTREAM_KEEPALIVE_SECONDS
 from shared.settings import Settings
 
 log = structlog.get_logger("gateway")
@@ -47,8 +48,13 @@ HOP_BY_HOP = frozenset(
 OWN_RESPONSE_HEADERS = frozenset({CORRELATION_HEADER, ROUTE_HEADER, "date", "server"})
 # A route template is short; anything longer is not one of ours.
 MAX_TEMPLATE = 200
-# Never passed on: the token stays at the door, and identity travels only in the gateway's signature.
-STRIPPED = HOP_BY_HOP | {"authorization", "cookie", *INTERNAL_HEADERS}
+# Never passed on: the token (or API key) stays at the door, and identity travels only in the gateway's signature.
+STRIPPED = HOP_BY_HOP | {"authorization", "cookie", *API_KEY_HEADERS, *INTERNAL_HEADERS}
+# The same sets as bytes, compared with the ASGI scope's (already lower-case) header names and aiohttp's raw
+# response headers without decoding every header first.
+_STRIPPED_BYTES = frozenset(name.lower().encode() for name in STRIPPED | {CORRELATION_HEADER, "x-forwarded-for"})
+_NOT_PASSED_BACK = frozenset(name.lower().encode() for name in HOP_BY_HOP | OWN_RESPONSE_HEADERS)
+_ROUTE_HEADER_BYTES = ROUTE_HEADER.lower().encode()
 GATEWAY_PRINCIPAL = Principal(user_id="gateway", role="service")
 SPEC_TTL_SECONDS = 30.0
 
@@ -72,7 +78,8 @@ class Upstreams:
         self.settings = settings
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_seconds, sock_connect=2.0)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=200, limit_per_host=100, keepalive_timeout=30),
+            # Closed before the service closes them (SERVICE_KEEPALIVE_SECONDS), never reused as they go.
+            connector=aiohttp.TCPConnector(limit=200, limit_per_host=100, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS),
             timeout=self.timeout,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -87,10 +94,14 @@ class Upstreams:
 
     async def forward(self, request: Request, service: str, principal: Principal) -> Response:
         """Passes the request on with the caller's identity in a signed credential instead of its token."""
-        path = request.url.path
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED}
+        path: str = request.scope["path"]
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in request.scope["headers"]
+            if k.lower() not in _STRIPPED_BYTES
+        }
         # The path and query as the client encoded them: a decoded "%3F" or "%23" would change the URL's meaning.
-        raw_path = (request.scope.get("raw_path") or path.encode()).decode("latin-1")
+        raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
         query = request.scope.get("query_string", b"").decode("latin-1")
         body = await request.body()
         # Bound to the query and body too, so a captured credential can't be replayed with other ones.
@@ -109,12 +120,7 @@ class Upstreams:
             ) as upstream:
                 content = await upstream.read()
                 status = upstream.status
-                passed = {
-                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | OWN_RESPONSE_HEADERS
-                }
-                template = upstream.headers.get(ROUTE_HEADER)
-                if template is not None and template.startswith("/"):
-                    request.scope[ROUTE_TEMPLATE_KEY] = template[:MAX_TEMPLATE]
+                raw = upstream.raw_headers
         except TimeoutError:
             log.warning("upstream_timeout", service=service, path=request.url.path)
             raise GatewayTimeout(
@@ -123,7 +129,20 @@ class Upstreams:
         except aiohttp.ClientError as exc:
             log.warning("upstream_unreachable", service=service, path=request.url.path, error=str(exc))
             raise BadGateway(f"the {service} service is unavailable", details={"service": service}) from None
-        return Response(content=content, status_code=status, headers=passed)
+        response = Response(content=content, status_code=status)
+        # The service's headers as bytes, passed on without decoding and re-encoding each one; the length is
+        # the one Response computed for this body.
+        passed: dict[bytes, bytes] = {}
+        for name, value in raw:
+            lower = name.lower()
+            if lower == _ROUTE_HEADER_BYTES:
+                template = value.decode("latin-1")
+                if template.startswith("/"):
+                    request.scope[ROUTE_TEMPLATE_KEY] = template[:MAX_TEMPLATE]
+            elif lower not in _NOT_PASSED_BACK:
+                passed[lower] = value
+        response.raw_headers = [*response.raw_headers, *passed.items()]
+        return response
 
     async def fetch_json(self, service: str, path: str, wait_seconds: float = 3.0) -> dict[str, Any] | None:
         headers = sign_internal(self.internal_key, "GET", path, GATEWAY_PRINCIPAL)

@@ -64,6 +64,7 @@ class Reporting:
         self.health_key = key
         self.metrics = metrics
         self.link_up = False
+        self.link_kind = ""  # the kind the last source_connected said, for the disconnect that closes it
         self._set_up_gauge(0)
 
     def _set_up_gauge(self, value: int) -> None:
@@ -74,6 +75,7 @@ class Reporting:
         """The source delivers: logged once per change from not delivering."""
         if not self.link_up:
             self.link_up = True
+            self.link_kind = kind
             log.info("source_connected", source=self.reported_name, kind=kind, **fields)
         self._set_up_gauge(1)
 
@@ -85,7 +87,10 @@ class Reporting:
         self._set_up_gauge(0)
 
     def _link_closed(self) -> None:
-        """Stopped on purpose (switched off, shutting down): not delivering, and not a failure to log."""
+        """Stopped on purpose (switched off, shutting down): not delivering, and not a failure. A link that was
+        up says it closed (reason "stopped"), so the report's uptime ends here rather than at the next start."""
+        if self.link_up:
+            log.info("source_disconnected", source=self.reported_name, kind=self.link_kind, reason="stopped")
         self.link_up = False
         self._set_up_gauge(0)
 
@@ -123,7 +128,8 @@ class SourceRunner(Reporting):
         self.source = source
         self.settings = settings
         self.publisher = publisher
-        self.ticks = TickPublisher(publisher, source.name, metrics=metrics)
+        # Each tick goes to its coin's pricing shard's stream (docs/scaling.md).
+        self.ticks = TickPublisher(publisher, source.name, metrics=metrics, shards=settings.pricing_shards)
         self.opened = False
         self.failures = 0
         # The tracked coins this source quotes; IngestService follows the coins table and updates them.

@@ -135,7 +135,8 @@ class WebsocketRunner(Reporting):
         self.protocol = source.protocol
         self.settings = settings
         self.publisher = publisher
-        self.ticks = TickPublisher(publisher, source.name, metrics=metrics)
+        # Each tick goes to its coin's pricing shard's stream (docs/scaling.md).
+        self.ticks = TickPublisher(publisher, source.name, metrics=metrics, shards=settings.pricing_shards)
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.idle_timeout = idle_timeout

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from services.pricing.schemas import PricesOut, SourcesOut
 from services.pricing.service import PricingService
 from shared.errors import ValidationFailed, error_responses
-from shared.responses import DecimalJSONResponse
+from shared.responses import FastDecimalJSONResponse
 from shared.service_app import lifespan_state
 from shared.validation import SYMBOL_PATTERN, SYMBOL_RE, choice_list_pattern, symbol_list_pattern
 
@@ -61,7 +61,7 @@ async def get_prices(
         pattern=choice_list_pattern(INCLUDABLE),
         examples=["market_cap,change_24h"],
     ),
-) -> DecimalJSONResponse:
+) -> FastDecimalJSONResponse:
     bases = parse_symbols(symbols, "symbols")
     currencies = parse_symbols(vs, "vs", limit=MAX_CURRENCIES)
     extras = [part.strip() for part in (include or "").split(",") if part.strip()]
@@ -70,7 +70,7 @@ async def get_prices(
         raise ValidationFailed(
             f"include: unknown field(s) {', '.join(unknown_extras)}; choose from {', '.join(INCLUDABLE)}"
         )
-    return DecimalJSONResponse(await pricing.price_table(bases, currencies, extras))
+    return FastDecimalJSONResponse(await pricing.price_table(bases, currencies, extras))
 
 
 @router.get(
@@ -85,7 +85,7 @@ async def get_sources(
     pricing: Pricing,
     symbol: str = Path(description="coin symbol, case-insensitive", pattern=SYMBOL_PATTERN, examples=["BTC"]),
     vs: str = Query(default="USD", description="currency", pattern=SYMBOL_PATTERN, examples=["USD"]),
-) -> DecimalJSONResponse:
+) -> FastDecimalJSONResponse:
     base = parse_symbols(symbol, "symbol", limit=1)[0]
     currency = parse_symbols(vs, "vs", limit=1)[0]
-    return DecimalJSONResponse(await pricing.source_comparison(base, currency))
+    return FastDecimalJSONResponse(await pricing.source_comparison(base, currency))

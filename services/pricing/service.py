@@ -25,12 +25,13 @@ from services.pricing.coins.service import CoinsService
 from services.pricing.consolidation import USD_STABLECOINS, consolidate_all
 from services.pricing.consolidation import votes as source_votes
 from services.pricing.history.service import record_consolidated
+from shared.backoff import jittered_backoff
 from shared.db import transaction
 from shared.errors import NoFreshData, UnknownCurrency, UnknownSymbol, store_unavailable
 from shared.hmac_sign import sign, verify
 from shared.messages import TickMessage, effective_status, price_event
 from shared.settings import Settings
-from shared.streams import PRICES_STREAM, StreamPublisher
+from shared.streams import PRICES_STREAM, PoisonMessage, StreamMessage, StreamPublisher, decode_text
 
 log = structlog.get_logger("pricing")
 
@@ -54,6 +55,8 @@ class PriceCache:
         self.redis = redis
         self.settings = settings
         self.key_bytes = settings.purpose_key("cache")
+        # Filled only while its reader runs (PriceMemo.run, started by the app): without it every read asks Redis.
+        self.memo = PriceMemo(redis, settings)
 
     def _key(self, base: str) -> str:
         return self.settings.key("price", base)
@@ -107,6 +110,146 @@ class PriceCache:
                 continue
             found[(base, vs)] = payload
         return found
+
+
+# A verified cache entry is served from this process's copy for at most this long. The prices stream drops a
+# copy as soon as another event for its pair is published; the bound only covers an event the reader missed
+# (the stream trimmed past it while the reader lagged), so a stale copy can never outlive it.
+MEMO_SECONDS = 1.0
+# The reader's XREAD blocks this long when nothing is published, then reports in.
+MEMO_READ_BLOCK_MS = 1000
+MEMO_READ_COUNT = 500
+# Copies are used only while the reader has heard from Redis within this long; otherwise every read goes to
+# Redis (and on to PostgreSQL) exactly as without the copy.
+MEMO_LIVE_SECONDS = 3.0
+
+Pair = tuple[str, str]
+
+
+class PriceMemo:
+    """This process's copy of the price cache, so a price read costs no Redis round trip, HMAC check or JSON
+    parse. It holds only payloads this process verified (read through ``PriceCache``) or produced (relayed),
+    never a stream entry itself: the stream is unsigned, so an event only ever drops a copy, and a forged
+    one costs a cache read, not a wrong price. Every replica reads the whole prices stream, so each answers
+    for every coin whichever shard consolidates it."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.stream_key = settings.key("stream", PRICES_STREAM)
+        self.copies: dict[Pair, tuple[float, dict[str, Any]]] = {}
+        # Bumped on every drop; a read that started before the last drop of its pair stores what it fetched
+        # only when that is the very event the drop announced (else it may be the value the drop was about).
+        self._clock = 0
+        self._dropped: dict[Pair, tuple[int, object]] = {}
+        self._epoch_dropped = 0  # the clock at the last drop of everything
+        self._heard_at: float | None = None
+        self._position: str | None = None
+
+    def live(self) -> bool:
+        heard = self._heard_at
+        return heard is not None and time.monotonic() - heard < MEMO_LIVE_SECONDS
+
+    def ticket(self) -> int:
+        """Taken before a cache read; ``store`` with it keeps only what no drop has overtaken since."""
+        return self._clock
+
+    def lookup(self, pairs: Sequence[Pair]) -> dict[Pair, dict[str, Any]]:
+        if not self.copies or not self.live():
+            return {}
+        now = time.monotonic()
+        found: dict[Pair, dict[str, Any]] = {}
+        for pair in pairs:
+            copy = self.copies.get(pair)
+            if copy is not None and now - copy[0] < MEMO_SECONDS:
+                # A copy: the caller sets the re-checked status on what it gets.
+                found[pair] = dict(copy[1])
+        return found
+
+    def store(self, payloads: dict[Pair, dict[str, Any]], ticket: int) -> None:
+        if not payloads or not self.live() or ticket < self._epoch_dropped:
+            return
+        now = time.monotonic()
+        for pair, payload in payloads.items():
+            dropped = self._dropped.get(pair)
+            announced = dropped is not None and dropped[1] is not None and dropped[1] == payload.get("event_id")
+            if dropped is None or dropped[0] < ticket or announced:
+                self.copies[pair] = (now, dict(payload))
+
+    def relayed(self, payloads: Sequence[dict[str, Any]]) -> None:
+        """What this process just wrote to the cache (the newest per pair, in commit order)."""
+        now = time.monotonic()
+        self._clock += 1
+        for p in payloads:
+            pair = (p["base"], p["vs"])
+            self._dropped[pair] = (self._clock, p.get("event_id"))
+            if self.live():
+                self.copies[pair] = (now, dict(p))
+
+    def drop(self, pair: Pair | None, event_id: object = None) -> None:
+        """Another event for ``pair`` was published (None: unreadable entry, drop everything). The copy of
+        the very event announced stays: it is what the cache holds."""
+        if pair is None:
+            self.clear()
+            return
+        copy = self.copies.get(pair)
+        if copy is not None and event_id is not None and copy[1].get("event_id") == event_id:
+            return
+        self._clock += 1
+        self._dropped[pair] = (self._clock, event_id)
+        self.copies.pop(pair, None)
+
+    def clear(self) -> None:
+        self._clock += 1
+        self._epoch_dropped = self._clock
+        self._dropped.clear()
+        self.copies.clear()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Supervised loop: tails the prices stream (a plain XREAD, no group: every replica sees every
+        event). A Redis outage clears the copies; the reader starts again from the stream's end."""
+        outages = 0
+        while not stop.is_set():
+            try:
+                if self._position is None:
+                    last = await self.redis.xrevrange(self.stream_key, count=1)
+                    self._position = decode_text(last[0][0]) if last else "0-0"
+                response = await self.redis.xread(
+                    {self.stream_key: self._position}, count=MEMO_READ_COUNT, block=MEMO_READ_BLOCK_MS
+                )
+            except (RedisError, OSError) as exc:
+                outages += 1
+                self._heard_at, self._position = None, None
+                self.clear()
+                delay = jittered_backoff(outages, base=0.5, cap=10.0, jitter="equal")
+                log.warning("price_memo_waiting", error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                continue
+            outages = 0
+            self._apply(response)
+            self._heard_at = time.monotonic()
+        self._heard_at = None
+        self.clear()
+
+    def _apply(self, response: Any) -> None:
+        streams: Iterable[Any] = response.items() if isinstance(response, dict) else response or []
+        for _, entries in streams:
+            for raw_id, fields in entries:
+                self._position = decode_text(raw_id)
+                self.drop(*_announced(fields))
+
+
+def _announced(fields: Any) -> tuple[Pair | None, object]:
+    """The pair and event id a prices-stream entry announces (None when it cannot be read)."""
+    try:
+        text = {decode_text(k): decode_text(v) for k, v in fields.items()}
+        payload = StreamMessage(id="", fields=text).payload()
+        base, vs = payload["base"], payload["vs"]
+    except (PoisonMessage, KeyError, AttributeError, TypeError):
+        return None, None
+    if not isinstance(base, str) or not isinstance(vs, str):
+        return None, None
+    return (base, vs), payload.get("event_id")
 
 
 class PricingService:
@@ -225,7 +368,9 @@ class PricingService:
                     if not rows:
                         break
                     payloads = [r.payload for r in rows]
-                    await self.cache.put(_latest_per_pair(payloads))
+                    latest = _latest_per_pair(payloads)
+                    await self.cache.put(latest)
+                    self.cache.memo.relayed(latest)
                     await self.publisher.publish_once(
                         PRICES_STREAM, [(r.event_id, r.payload) for r in rows], ttl=PUBLISHED_MARKER_TTL_SECONDS
                     )
@@ -267,12 +412,19 @@ class PricingService:
         """Latest prices from the cache, else PostgreSQL (also while Redis is down), each with its status
         re-checked against the clock: a cached "fresh" is only as good as its ``fresh_until``."""
         pairs = [(b, v) for b in bases for v in vs]
+        memo = self.cache.memo
+        found = memo.lookup(pairs)
         cache_up = True
-        try:
-            found = await self.cache.get(pairs)
-        except (RedisError, OSError) as exc:
-            log.warning("price_cache_unavailable", error=f"{type(exc).__name__}: {exc}", fallback="postgres")
-            found, cache_up = {}, False
+        unread = [p for p in pairs if p not in found] if found else pairs
+        if unread:
+            ticket = memo.ticket()
+            try:
+                cached = await self.cache.get(unread)
+            except (RedisError, OSError) as exc:
+                log.warning("price_cache_unavailable", error=f"{type(exc).__name__}: {exc}", fallback="postgres")
+                cached, cache_up = {}, False
+            memo.store(cached, ticket)
+            found.update(cached)
         missing = [p for p in pairs if p not in found]
         if missing:
             async with transaction(self.sessions) as session:

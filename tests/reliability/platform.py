@@ -21,8 +21,10 @@ Usage (scenarios are marked ``@pytest.mark.reliability``; the fixtures live in `
 
 ``scale()`` is ``COINLYTICS_RELIABILITY_SCALE`` ("full", the default, or "ci"); ``by_scale(full, ci)`` picks a
 size. Every service gets free ports and the machine's own servers are never touched, so scenarios may stop and
-start theirs at will. ``Platform.settings`` is a ``Settings`` built from the same environment the services run
-with (namespace, stream names, secrets) for publishing or signing from the test.
+start theirs at will. A port taken by another process before a service or Redis binds it is handled here: new
+ports at the first start, the same port retried for REBIND_SECONDS on a restart. ``Platform.settings`` is a
+``Settings`` built from the same environment the services run with (namespace, stream names, secrets) for
+publishing or signing from the test.
 """
 
 from __future__ import annotations
@@ -46,12 +48,20 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("pricing", "conversion", "analytics", "alerting", "ingest", "gateway")
 SCALE_ENV = "COINLYTICS_RELIABILITY_SCALE"
+# How long a server coming back on its old port waits for another process to let go of it.
+REBIND_SECONDS = 10.0
+# What uvicorn logs when its port is taken (an asyncio bind error, errno EADDRINUSE).
+BIND_CLASH = "address already in use"
+
+
+class PortClash(AssertionError):
+    """A service could not bind its port: another process took it between free_port() and the bind."""
 
 
 def scale() -> str:
@@ -118,16 +128,44 @@ class Platform:
     async def start(self, *, ready_timeout: float = 120.0) -> None:
         """Servers, migrations, then every service; returns once each answers /readyz with "ready"."""
         await asyncio.to_thread(self._start_servers)
-        self.env = self._environment()
-        for name in self.services:
-            self.start_service(name)
-        await asyncio.gather(*(self.wait_ready(name, timeout=ready_timeout) for name in self.services))
+        for attempt in (1, 2):
+            self.env = self._environment()
+            self._settings = None
+            for name in self.services:
+                self.start_service(name)
+            results = await asyncio.gather(
+                *(self.wait_ready(name, timeout=ready_timeout) for name in self.services), return_exceptions=True
+            )
+            clashed = [
+                name for name, result in zip(self.services, results, strict=True) if isinstance(result, PortClash)
+            ]
+            failures = [result for result in results if isinstance(result, BaseException)]
+            if not failures:
+                return
+            if attempt == 2 or len(clashed) < len(failures):
+                raise failures[0]
+            # free_port() only found the ports free: another process bound one before its service did. The
+            # services know each other's ports from their environment, so every one starts again, once, and
+            # the first try is forgotten (its log files stay on disk).
+            for name, run in self.services.items():
+                self.stop_service(name)
+                run.incarnation, run.log_paths, run.unexpected_exits = 0, [], []
+                if name in clashed:
+                    run.port = free_port()
 
     def _start_servers(self) -> None:
         from shared.migrate import upgrade
 
         self.database_url = self.postgres.start()
-        self.redis_url = self.redis_server.start(preferred_port=free_port())
+        for attempt in (1, 2, 3):
+            # The port may be taken between free_port() and Redis' bind (Redis then exits at start).
+            try:
+                self.redis_url = self.redis_server.start(preferred_port=free_port())
+                break
+            except EmbeddedServerError:
+                self.redis_server.stop()
+                if attempt == 3:
+                    raise
         self.redis_port = self.redis_server.port
         upgrade(self.database_url)
 
@@ -217,6 +255,23 @@ class Platform:
             start_new_session=True,
         )
         return run.process.pid
+
+    def _bind_clashed(self, run: ServiceRun) -> bool:
+        """Whether the current incarnation exited because its port was taken."""
+        if run.process is None or run.process.poll() is None or not run.log_paths:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            return BIND_CLASH in run.log_paths[-1].read_text(errors="replace").lower()
+        return False
+
+    @staticmethod
+    def _forget_clash(run: ServiceRun) -> None:
+        """A start lost to a port clash is the harness's doing, not the service's: not an unexpected exit, and
+        not part of the service's log (its file stays on disk)."""
+        if run.unexpected_exits:
+            run.unexpected_exits.pop()
+        if run.log_paths:
+            run.log_paths.pop()
 
     def _note_exit(self, run: ServiceRun) -> None:
         if run.process is not None and run.process.poll() is not None:
@@ -316,11 +371,30 @@ class Platform:
 
     async def wait_ready(self, name: str, timeout: float = 60.0, interval: float = 0.2) -> float:
         """Seconds until /readyz answered 200 "ready"; raises (with the log tail) when it does not in time or the
-        process exits."""
+        process exits. A restarted service whose port another process holds is started again on that port (its
+        URL is in the others' environment) for up to REBIND_SECONDS; at the platform's first start a clash
+        raises ``PortClash`` and ``start()`` picks new ports."""
         started = time.monotonic()
         last: tuple[int, dict[str, Any]] = (0, {})
+        rebind_until: float | None = None
         while True:
             code = self.returncode(name)
+            if code is not None and self._bind_clashed(self.services[name]):
+                run = self.services[name]
+                if run.incarnation == 1:
+                    raise PortClash(f"{name}: port {run.port} was taken before it could bind it")
+                now = time.monotonic()
+                rebind_until = rebind_until or now + REBIND_SECONDS
+                if now < rebind_until:
+                    self._note_exit(run)
+                    self._forget_clash(run)
+                    await asyncio.sleep(0.5)
+                    self.start_service(name)
+                    continue
+                raise AssertionError(
+                    f"{name} cannot bind its port {run.port} again: another process has held it for "
+                    f"{REBIND_SECONDS:.0f}s, and the other services reach {name} there"
+                )
             if code is not None:
                 raise AssertionError(f"{name} exited with code {code}:\n{self.log_tail(name)}")
             last = await self.readyz(name, timeout=min(5.0, max(timeout, 0.5)))
@@ -353,11 +427,32 @@ class Platform:
                 (self.redis_server.data_dir / "dump.rdb").unlink()
 
     def start_redis(self) -> None:
-        """Starts Redis again on the same port (the services keep their URL)."""
-        assert self.redis_port is not None
-        self.redis_server.start(preferred_port=self.redis_port)
-        if self.redis_server.port != self.redis_port:
-            raise RuntimeError(f"Redis came back on port {self.redis_server.port}, not {self.redis_port}")
+        """Starts Redis again on the same port (the services keep their URL). Another process may have taken the
+        port while Redis was down: the bind is retried for up to REBIND_SECONDS, then this fails saying so."""
+        port = self.redis_port
+        assert port is not None
+        deadline = time.monotonic() + REBIND_SECONDS
+        problem = ""
+        while True:
+            if free_port(port) == port:
+                try:
+                    self.redis_server.start(preferred_port=port)
+                except EmbeddedServerError as exc:  # taken again between the check and Redis' own bind
+                    self.redis_server.stop()
+                    problem = str(exc)
+                else:
+                    if self.redis_server.port == port:
+                        return
+                    problem = f"Redis came back on port {self.redis_server.port}"
+                    self.redis_server.stop()  # started elsewhere: taken between the two checks
+            else:
+                problem = "the port is in use"
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"Redis cannot listen on port {port} again: another process has held it for "
+                    f"{REBIND_SECONDS:.0f}s ({problem}); the services' URL names that port"
+                )
+            time.sleep(0.25)
 
     def stop_postgres(self) -> None:
         self.postgres.stop()

@@ -1,4 +1,5 @@
-"""A full disk under the system log: the service keeps serving and says so once, not once per line.
+"""A full disk under the system log: the service keeps serving and says so once, not once per line (at most
+once every ten minutes; a disk failing by turns is tests/test_system_log.py's flapping case).
 
 One real service process (conversion, on its own PostgreSQL and Redis) runs with COINLYTICS_SYSTEM_LOG_PATH
 naming a symlink to /dev/full, where every write fails with ENOSPC, as on a full disk. 500 requests follow,

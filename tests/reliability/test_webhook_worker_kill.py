@@ -17,25 +17,31 @@ import socket
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
 
 from services.alerting.tasks import DELIVERY_JOB_TIMEOUT
+from shared.jobs import in_progress_expiry
 from shared.streams import PRICES_STREAM, StreamPublisher
 from tests.accounts import bearer, register, tokens
 from tests.conftest import eventually
 from tests.reliability.platform import by_scale
 from tests.standard_webhooks import verify_standard_webhook
-from tests.test_alert_delivery import Receiver
+from tests.test_alert_delivery import Receiver, _truthy
 
 THRESHOLD = "100"
-# arq keeps a job "in progress" for its timeout plus 10 s after a worker took it; a dead worker's job waits that
-# long (less the time it already ran) before the restarted one may run it.
-IN_PROGRESS_SECONDS = DELIVERY_JOB_TIMEOUT + 10
+# A one-shot alert made after the others, below THRESHOLD: the evaluator applies alert changes in the order they
+# were made, so once the probe has fired every alert made before it is in the engine.
+PROBE_THRESHOLD = "99.2"
+BELOW_PROBE, ABOVE_PROBE = "99", "99.4"
+# arq keeps a job "in progress" this long after a worker took it (the delivery worker's timeout, the job
+# wrapper's grace and arq's own margin); a dead worker's job waits that long (less the time it already ran)
+# before the restarted one may run it.
+IN_PROGRESS_SECONDS = in_progress_expiry(DELIVERY_JOB_TIMEOUT)
 
 
 def _peer_gone(request: web.Request) -> bool:
@@ -60,20 +66,34 @@ def _peer_gone(request: web.Request) -> bool:
         probe.close()
 
 
+@dataclass
 class KillAwareReceiver(Receiver):
-    """The delivery tests' receiver, counting an answer as acknowledged only when its sender can still read it."""
+    """The delivery tests' receiver, counting an answer as acknowledged only when its sender can still read it.
+    ``held`` are the requests made to wait for ``hold``; ``held_answered`` counts those that have answered."""
+
+    held: list[web.Request] = field(default_factory=list)
+    held_answered: int = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         entry = {"headers": dict(request.headers), "body": body, "id": request.headers.get("webhook-id")}
         self.received.append(entry)
-        if self.hold is not None:
-            await self.hold.wait()
-        if _peer_gone(request):
-            return web.Response(status=499)
-        if self.status < 300:
-            self.acknowledged.append(str(entry["id"]))
-        return web.Response(status=self.status)
+        hold = self.hold
+        if hold is not None:
+            self.held.append(request)
+            await hold.wait()
+        try:
+            if _peer_gone(request):
+                return web.Response(status=499)
+            if self.status < 300:
+                self.acknowledged.append(str(entry["id"]))
+            return web.Response(status=self.status)
+        finally:
+            if hold is not None:
+                self.held_answered += 1
+
+    def held_peers_gone(self) -> list[bool]:
+        return [_peer_gone(request) for request in self.held]
 
 
 async def _publish_price(publisher: StreamPublisher, value: str) -> None:
@@ -98,17 +118,13 @@ async def _publish_price(publisher: StreamPublisher, value: str) -> None:
     )
 
 
-async def _evaluated_at(redis: Any, key: str, price: str) -> bool:
-    """True once the evaluator has a rule on BTC/USD and evaluated ``price`` (its reference for the pair)."""
-    raw = await redis.hget(key, "BTC:USD")
-    return raw is not None and f'"price": "{price}"' in raw.decode()
-
-
 @pytest.mark.reliability
 async def test_webhook_worker_kill(platform_factory, reliability_row):
     alerts_count = by_scale(25, 3)
     receiver = KillAwareReceiver(hold=asyncio.Event())
     await receiver.start()
+    probe_receiver = Receiver()  # the probe alert's webhook: answered at once, kept apart from the counts
+    await probe_receiver.start()
     plat = platform_factory(
         services=("alerting", "gateway"),
         coins="BTC",
@@ -124,7 +140,6 @@ async def test_webhook_worker_kill(platform_factory, reliability_row):
                 "INSERT INTO coins (symbol, name, active) VALUES ('BTC', 'Bitcoin', true) ON CONFLICT DO NOTHING"
             )
             publisher = StreamPublisher(redis, namespace=plat.namespace, maxlen=10_000)
-            references = plat.settings.key("alerting", "evaluator", "references")
             async with httpx.AsyncClient(base_url=plat.url("gateway"), timeout=30) as client:
                 await register(client, "kill9@example.com")
                 headers = bearer((await tokens(client, "kill9@example.com"))["access_token"])
@@ -140,17 +155,29 @@ async def test_webhook_worker_kill(platform_factory, reliability_row):
                     )  # fmt: skip
                     assert response.status_code == 201, response.text
                     secrets[response.json()["id"]] = response.json()["channels"][0]["secret"]
+                response = await client.post(
+                    "/api/v1/alerts",
+                    headers=headers,
+                    json={
+                        "symbol": "BTC", "vs": "USD", "condition": "above", "threshold": PROBE_THRESHOLD,
+                        "one_shot": True, "channels": [{"type": "webhook", "url": probe_receiver.url}],
+                    },
+                )  # fmt: skip
+                assert response.status_code == 201, response.text
+                probe_id = uuid.UUID(response.json()["id"])
 
-            # Below the threshold until the evaluator has the rules and has seen that price; then across it.
-            async def below_seen() -> bool:
-                await _publish_price(publisher, "99")
-                return await _evaluated_at(redis, references, "99")
+            # The rules arrive on the changes stream in batches. Prices below THRESHOLD, crossing the probe's
+            # threshold upwards, until the probe has fired (its event is stored): then every rule is loaded.
+            async def probe_fired() -> bool:
+                await _publish_price(publisher, BELOW_PROBE)
+                await _publish_price(publisher, ABOVE_PROBE)
+                fired = await conn.fetchval("SELECT count(*) FROM alert_events WHERE alert_id = $1", probe_id)
+                return bool(fired)
 
-            await eventually(below_seen, timeout=60, interval=0.5)
-            # The rules arrive on the changes stream in batches: let the last ones land, show the price again.
-            await asyncio.sleep(1.5)
-            await _publish_price(publisher, "99.5")
-            await eventually(lambda: _evaluated_at(redis, references, "99.5"), timeout=30)
+            await eventually(probe_fired, timeout=60, interval=0.5)
+            # Its delivery done, so the kill below finds only the alerts' deliveries in flight.
+            await eventually(lambda: _truthy(bool(probe_receiver.acknowledged)), timeout=60)
+            # The last price evaluated is ABOVE_PROBE, below THRESHOLD: this one crosses it for every alert.
             await _publish_price(publisher, "101")
 
             async def all_held() -> bool:
@@ -162,10 +189,11 @@ async def test_webhook_worker_kill(platform_factory, reliability_row):
             killed_at = time.monotonic()
             print(f"\nkilled alerting (pid {killed_pid}) with {held_requests} webhook request(s) held open")
             assert receiver.hold is not None
-            await asyncio.sleep(0.3)  # the kernel's FIN for the dead process's sockets reaches the receiver
+            # The kernel closes the dead process's sockets: its FIN reaches every held connection.
+            await eventually(lambda: _truthy(all(receiver.held_peers_gone())), timeout=30, interval=0.05)
             receiver.hold.set()  # the held handlers find their sender gone: nothing is acknowledged
             receiver.hold = None
-            await asyncio.sleep(0.5)
+            await eventually(lambda: _truthy(receiver.held_answered >= len(receiver.held)), timeout=30, interval=0.05)
             assert receiver.acknowledged == [], "a request whose sender was killed cannot have been acknowledged"
             plat.start_service("alerting")
             await plat.wait_ready("alerting", timeout=90)
@@ -193,6 +221,7 @@ async def test_webhook_worker_kill(platform_factory, reliability_row):
             await redis.aclose()
     finally:
         await receiver.stop()
+        await probe_receiver.stop()
 
     event_of_alert = {str(row["alert_id"]): str(row["id"]) for row in events}
     acknowledged = Counter(receiver.acknowledged)

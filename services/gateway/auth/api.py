@@ -1,4 +1,4 @@
-"""Routes of accounts: /api/v1/auth/*, /api/v1/users/me*, /api/v1/admin/users*."""
+"""Routes of accounts: /api/v1/auth/*, /api/v1/users/me* (personal API keys included), /api/v1/admin/users*."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from services.gateway.auth.schemas import (
     ActivityListOut,
     ActivityOut,
     AdminUserPatch,
+    ApiKeyCreatedOut,
+    ApiKeyIn,
+    ApiKeyOut,
+    ApiKeysOut,
     PasswordResetConfirmIn,
     PasswordResetIn,
     RefreshIn,
@@ -23,7 +27,13 @@ from services.gateway.auth.schemas import (
     UsersOut,
 )
 from services.gateway.auth.service import INVALID_LOGIN, RESET_ACCEPTED, AuthService
-from services.gateway.guard import client_address, guard_anonymous, require_admin_principal, require_principal
+from services.gateway.guard import (
+    client_address,
+    guard_anonymous,
+    require_admin_principal,
+    require_principal,
+    require_signed_in,
+)
 from shared.auth import Principal
 from shared.errors import Unauthorized, error_responses
 from shared.service_app import lifespan_state
@@ -103,9 +113,11 @@ async def refresh(body: RefreshIn, request: Request, auth: Auth, response: Respo
     summary="Sign out",
     description="Revokes the presented access token (everywhere, at once) and its refresh tokens. "
     "Example: `curl -X POST -H 'Authorization: Bearer eyJ...' /api/v1/auth/logout`.",
-    responses=error_responses(401, 429),
+    responses=error_responses(401, 403, 429),
 )
-async def logout(request: Request, auth: Auth, principal: Principal = Depends(require_principal)) -> Response:
+async def logout(request: Request, auth: Auth, principal: Principal = Depends(require_signed_in)) -> Response:
+    # With an API key there is no session to end: refused (403) rather than a 204 that leaves the key working;
+    # a key is revoked with DELETE /api/v1/users/me/api-keys/{id}.
     await auth.logout(principal, client_address(request))
     return Response(status_code=204)
 
@@ -187,6 +199,69 @@ async def my_activity(
     rows = await auth.activity(_own_id(principal), limit=limit, before_id=before_id)
     items = [ActivityOut.model_validate(r, from_attributes=True) for r in rows]
     return ActivityListOut(items=items, next_before_id=items[-1].id if len(items) == limit else None)
+
+
+KEYS_DESCRIPTION = (
+    "Personal API keys are for scripts: send one as `X-API-Key: cl_live_...` on any /api/v1 route (and, on "
+    "the CoinGecko-compatible /api/v3, also as CoinGecko's key headers or query parameters). A key acts as "
+    "its owner, counts toward the owner's rate limit, and never opens an admin route. Managing keys needs a "
+    "sign-in (a bearer token or the dashboard's session), not a key."
+)
+
+
+@router.post(
+    "/api/v1/users/me/api-keys",
+    status_code=201,
+    response_model=ApiKeyCreatedOut,
+    tags=["users"],
+    summary="Create a personal API key",
+    description=KEYS_DESCRIPTION + ' Example body: `{"name": "portfolio script", "expires_at": '
+    '"2027-06-30T00:00:00Z"}` (`expires_at` optional). The answer\'s `key` is shown this once: only its hash '
+    "is kept. At most `COINLYTICS_API_KEYS_MAX_PER_USER` (20) live keys per account (409 past that).",
+    responses=error_responses(401, 403, 409, 422, 429),
+)
+async def create_api_key(
+    body: ApiKeyIn, request: Request, auth: Auth, response: Response, principal: Principal = Depends(require_signed_in)
+) -> ApiKeyCreatedOut:
+    key, secret = await auth.api_keys.create(_own_id(principal), body.name, body.expires_at, client_address(request))
+    response.headers.update(NO_STORE)
+    return ApiKeyCreatedOut.model_validate({**_key_out(key).model_dump(), "key": secret})
+
+
+@router.get(
+    "/api/v1/users/me/api-keys",
+    response_model=ApiKeysOut,
+    tags=["users"],
+    summary="Your personal API keys",
+    description="Each key's name, prefix, creation, expiry and last use (to the minute), newest first; "
+    "never the secret. Revoked keys are not listed. Example: `curl -H 'Authorization: Bearer eyJ...' "
+    "/api/v1/users/me/api-keys`.",
+    responses=error_responses(401, 403, 429),
+)
+async def list_api_keys(auth: Auth, principal: Principal = Depends(require_signed_in)) -> ApiKeysOut:
+    keys = await auth.api_keys.list(_own_id(principal))
+    return ApiKeysOut(items=[_key_out(k) for k in keys], limit=auth.settings.api_keys_max_per_user)
+
+
+@router.delete(
+    "/api/v1/users/me/api-keys/{key_id}",
+    status_code=204,
+    tags=["users"],
+    summary="Revoke a personal API key",
+    description="The key stops working at once, on every gateway replica. Another account's key, an unknown "
+    "id and a key already revoked answer 404. Example: `curl -X DELETE -H 'Authorization: Bearer eyJ...' "
+    "/api/v1/users/me/api-keys/6f1c...`.",
+    responses=error_responses(401, 403, 404, 422, 429),
+)
+async def revoke_api_key(
+    key_id: uuid.UUID, request: Request, auth: Auth, principal: Principal = Depends(require_signed_in)
+) -> Response:
+    await auth.api_keys.revoke(_own_id(principal), key_id, client_address(request))
+    return Response(status_code=204)
+
+
+def _key_out(key: object) -> ApiKeyOut:
+    return ApiKeyOut.model_validate(key, from_attributes=True)
 
 
 @router.get(

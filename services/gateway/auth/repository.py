@@ -1,4 +1,4 @@
-"""All SQL of accounts: users, refresh tokens, reset tokens and the activity log."""
+"""All SQL of accounts: users, refresh tokens, reset tokens, personal API keys and the activity log."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import delete_older_than
-from shared.models import PasswordResetToken, RefreshToken, User, UserActivity
+from shared.models import ApiKey, PasswordResetToken, RefreshToken, User, UserActivity
 
 
 async def user_by_email(session: AsyncSession, email: str) -> User | None:
@@ -186,3 +186,90 @@ async def add_activity_once(
         details={**(details or {}), "message_id": message_id},
     )
     return True
+
+
+# --- personal API keys ---------------------------------------------------------------------------
+
+
+async def add_api_key(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    name: str,
+    key_hash: str,
+    prefix: str,
+    now: datetime,
+    expires_at: datetime | None,
+) -> ApiKey:
+    key = ApiKey(
+        id=uuid.uuid4(), user_id=user_id, name=name, key_hash=key_hash, prefix=prefix, created_at=now,
+        expires_at=expires_at,
+    )  # fmt: skip
+    session.add(key)
+    await session.flush()
+    return key
+
+
+async def count_live_api_keys(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> int:
+    counted = await session.scalar(
+        select(func.count())
+        .select_from(ApiKey)
+        .where(
+            ApiKey.user_id == user_id,
+            ApiKey.revoked_at.is_(None),
+            (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > now),
+        )
+    )
+    return int(counted or 0)
+
+
+async def list_api_keys(session: AsyncSession, user_id: uuid.UUID) -> Sequence[ApiKey]:
+    """The user's unrevoked keys (expired ones too, so their owner sees why a script stopped), newest first."""
+    result = await session.execute(
+        select(ApiKey)
+        .where(ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
+        .order_by(ApiKey.created_at.desc(), ApiKey.id)
+    )
+    return result.scalars().all()
+
+
+async def revoke_api_key(session: AsyncSession, user_id: uuid.UUID, key_id: uuid.UUID, now: datetime) -> ApiKey | None:
+    """Revokes the user's own unrevoked key; None when there is none such (someone else's id included)."""
+    result = await session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(ApiKey)
+    )
+    return result.scalar_one_or_none()
+
+
+async def revoke_user_api_keys(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> list[uuid.UUID]:
+    """Revokes every unrevoked key of the user (a password reset); the ids of those it revoked."""
+    result = await session.execute(
+        update(ApiKey)
+        .where(ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(ApiKey.id)
+    )
+    return list(result.scalars())
+
+
+async def api_key_owner(session: AsyncSession, key_hash: str) -> tuple[ApiKey, bool] | None:
+    """The key with this hash and whether its owner's account is active: the one lookup (by the unique
+    index) an API-key request costs."""
+    result = await session.execute(
+        select(ApiKey, User.is_active).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == key_hash)
+    )
+    row = result.one_or_none()
+    return (row[0], bool(row[1])) if row is not None else None
+
+
+async def touch_api_key(session: AsyncSession, key_id: uuid.UUID, now: datetime) -> bool | None:
+    """Sets the key's last use; whether it had never been used before (None: no such key any more)."""
+    result = await session.execute(select(ApiKey.last_used_at).where(ApiKey.id == key_id).with_for_update())
+    row = result.one_or_none()
+    if row is None:
+        return None
+    await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
+    return row[0] is None

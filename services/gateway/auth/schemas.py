@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from shared.validation import EMAIL_PATTERN, SYMBOL_PATTERN, SYMBOL_RE, normalise_email
 
@@ -122,3 +122,55 @@ class AdminUserPatch(_Input):
 class UsersOut(BaseModel):
     total: int
     users: list[UserOut]
+
+
+# --- personal API keys ---------------------------------------------------------------------------
+
+API_KEY_NAME_MAX = 100
+# No control characters, and at least one character that is not a space (in the spec, so clients see it).
+API_KEY_NAME_PATTERN = r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f][^\x00-\x1f\x7f]*$"
+
+
+class ApiKeyIn(_Input):
+    name: str = Field(
+        min_length=1,
+        max_length=API_KEY_NAME_MAX,
+        pattern=API_KEY_NAME_PATTERN,
+        description="what the key is for (surrounding spaces are dropped)",
+        examples=["portfolio script"],
+    )
+    expires_at: AwareDatetime | None = Field(
+        default=None,
+        strict=False,  # JSON carries a moment as an ISO 8601 string
+        description="when the key stops working (with its time zone); none: until revoked",
+        examples=["2027-06-30T00:00:00Z"],
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        # The pattern guarantees a character that is not a space, so this never leaves an empty name.
+        return value.strip(" ")
+
+
+class ApiKeyOut(BaseModel):
+    id: uuid.UUID
+    name: str = Field(examples=["portfolio script"])
+    prefix: str = Field(description="the key's first characters, to recognise it by", examples=["cl_live_Xb3q"])
+    created_at: datetime
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = Field(
+        default=None, description="the key's latest use, to the minute (updated at most once a minute)"
+    )
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key: str = Field(
+        description="the secret: shown this once and never again (only its hash is kept)",
+        examples=["cl_live_Xb3qY0uS4Kp9WmR2cLzT8vHnE6aJdF1gQ5oB7iN3sUx"],
+    )
+
+
+class ApiKeysOut(BaseModel):
+    items: list[ApiKeyOut]
+    limit: int = Field(description="how many live keys an account may hold", examples=[20])

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
+import time
 import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +19,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from jose import jwt
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -26,8 +29,17 @@ from services.gateway.ratelimit import SlidingWindowLimiter
 from services.pricing.coins.repository import active_coins
 from shared.auth import LOCAL_ALGORITHM, Denylist, LocalTokenVerifier, Principal, TokenError
 from shared.db import transaction
-from shared.errors import BadRequest, Conflict, NotFound, RateLimited, Unauthorized, ValidationFailed
-from shared.models import User
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+    ValidationFailed,
+    store_unavailable,
+)
+from shared.models import ApiKey, User
 from shared.settings import Settings
 from shared.streams import EMAILS_STREAM, StreamPublisher
 
@@ -110,6 +122,7 @@ class AuthService:
         self.refresh_verifier = LocalTokenVerifier(
             settings.jwt_secret_value(), issuer=settings.jwt_issuer, audience=settings.jwt_audience
         )
+        self.api_keys = ApiKeyService(settings, sessions, redis)
 
     # --- tokens ---------------------------------------------------------------------------------
 
@@ -338,10 +351,15 @@ class AuthService:
             await repository.spend_reset_tokens(session, user.id, now)
             await repository.update_user(session, user.id, now, password_hash=password_hash, password_changed_at=now)
             families = await repository.revoke_user_families(session, user.id, now)
+            # A reset is what an owner does after losing control of the account: keys minted meanwhile go
+            # too, like every session.
+            revoked_keys = await repository.revoke_user_api_keys(session, user.id, now)
             await repository.add_activity(
-                session, user_id=user.id, kind="password_changed", client_address=client, now=now
-            )
+                session, user_id=user.id, kind="password_changed", client_address=client, now=now,
+                details={"api_keys_revoked": len(revoked_keys)} if revoked_keys else None,
+            )  # fmt: skip
         await self.denylist.deny_families(families)
+        await self.api_keys.forget_keys(revoked_keys)
         await self.redis.delete(self.settings.key("auth", "login-failures", client_key(user.email)))
 
     # --- profile and activity -------------------------------------------------------------------
@@ -428,6 +446,8 @@ class AuthService:
                 )
             user = await repository.user_by_id(session, user_id)
         await self.denylist.deny_families(families)
+        if changes.get("is_active") is False:
+            await self.api_keys.forget_user(user_id)
         assert user is not None
         return user
 
@@ -459,6 +479,7 @@ class AuthService:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, timeout=5)
+        await self.api_keys.close()
 
     # --- email ----------------------------------------------------------------------------------
 
@@ -471,3 +492,205 @@ class AuthService:
         except Exception as exc:
             # The account change stands; the mail is lost and the log says so.
             log.error("email_not_queued", subject=subject, error=f"{type(exc).__name__}: {exc}")
+
+
+# --- personal API keys ---------------------------------------------------------------------------
+
+# Recognisable in logs and by secret scanners; the rest is 256 random bits (43 URL-safe characters).
+API_KEY_PREFIX = "cl_live_"
+API_KEY_MAX_LENGTH = 128
+# What the key list shows of a key: the marker and four characters of the secret (24 bits: not enough to
+# help a guesser, enough for an owner to tell keys apart).
+DISPLAY_PREFIX_LENGTH = len(API_KEY_PREFIX) + 4
+# ``last_used_at`` is written at most this often per key: one replica remembers its latest write, and a
+# Redis marker makes the interval hold across replicas.
+LAST_USED_INTERVAL_SECONDS = 60
+MARKS_MAX_ENTRIES = 10_000
+INVALID_API_KEY = "invalid, expired or revoked API key"
+# A key found valid in the database is trusted by this replica for this long (never past its expiry), with
+# Redis asked on every request whether it (or its account) was revoked since: the markers outlive every
+# cached entry, so a revocation holds on every replica as soon as the revoking call returned.
+VERIFIED_KEY_TTL_SECONDS = 30.0
+VERIFIED_KEYS_MAX_ENTRIES = 10_000
+REVOCATION_MARKER_SECONDS = int(2 * VERIFIED_KEY_TTL_SECONDS) + 5
+API_KEY_CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="coinlytics", header="X-API-Key"'}
+
+
+@dataclass(frozen=True, slots=True)
+class _VerifiedKey:
+    key_id: uuid.UUID
+    user_id: uuid.UUID
+    expires_at: datetime | None
+    valid_until: float  # time.monotonic()
+
+
+class ApiKeyService:
+    """Personal API keys: created (the secret shown once), listed, revoked, and checked on each request.
+
+    A check is one lookup by the hash's unique index (with the owner's account status); a key that passed
+    is then remembered for ``VERIFIED_KEY_TTL_SECONDS``, as the token cache does, and its next requests cost
+    one Redis read of the revocation markers instead. A revocation, an expiry or a disabled account holds on
+    every gateway replica from the next request on."""
+
+    def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: Redis) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.redis = redis
+        self._marked: dict[uuid.UUID, float] = {}
+        self._verified: dict[str, _VerifiedKey] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _revoked_key(self, key_id: uuid.UUID) -> str:
+        return self.settings.key("apikeys", "revoked", "key", str(key_id))
+
+    def _revoked_user(self, user_id: uuid.UUID) -> str:
+        return self.settings.key("apikeys", "revoked", "user", str(user_id))
+
+    async def forget_keys(self, key_ids: list[uuid.UUID]) -> None:
+        """These keys were revoked in the database: replicas that remember them stop too."""
+        if key_ids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key_id in key_ids:
+                    pipe.set(self._revoked_key(key_id), b"1", ex=REVOCATION_MARKER_SECONDS)
+                await pipe.execute()
+
+    async def forget_user(self, user_id: uuid.UUID) -> None:
+        """Every key of this account stops at once (its account was disabled): the database refuses them
+        from now on, the marker covers what replicas remembered."""
+        await self.redis.set(self._revoked_user(user_id), b"1", ex=REVOCATION_MARKER_SECONDS)
+
+    async def create(
+        self, user_id: str, name: str, expires_at: datetime | None, client: str | None
+    ) -> tuple[ApiKey, str]:
+        """The new key's row and its secret (which is not kept)."""
+        now = utcnow()
+        if expires_at is not None and expires_at <= now:
+            raise ValidationFailed("expires_at: choose a moment in the future")
+        secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        prefix = secret[:DISPLAY_PREFIX_LENGTH]
+        limit = self.settings.api_keys_max_per_user
+        owner = uuid.UUID(user_id)
+        async with transaction(self.sessions) as session:
+            # The account row serialises one account's creations, so parallel requests can't pass the limit.
+            user = await repository.user_by_id(session, owner, for_update=True)
+            if user is None or not user.is_active:
+                raise Unauthorized("the account no longer exists or is disabled")
+            if await repository.count_live_api_keys(session, owner, now) >= limit:
+                raise Conflict(f"an account holds at most {limit} API keys; revoke one first", details={"limit": limit})
+            key = await repository.add_api_key(
+                session, user_id=owner, name=name, key_hash=hash_token(secret), prefix=prefix, now=now,
+                expires_at=expires_at,
+            )  # fmt: skip
+            await repository.add_activity(
+                session, user_id=owner, kind="api_key_created", client_address=client, now=now,
+                details={"key_id": str(key.id), "name": name, "prefix": prefix},
+            )  # fmt: skip
+        return key, secret
+
+    async def list(self, user_id: str) -> list[ApiKey]:
+        async with transaction(self.sessions) as session:
+            return list(await repository.list_api_keys(session, uuid.UUID(user_id)))
+
+    async def revoke(self, user_id: str, key_id: uuid.UUID, client: str | None) -> None:
+        now = utcnow()
+        owner = uuid.UUID(user_id)
+        async with transaction(self.sessions) as session:
+            key = await repository.revoke_api_key(session, owner, key_id, now)
+            if key is None:
+                # Someone else's key, an unknown id and a key already revoked all look the same.
+                raise NotFound(f"no API key {key_id}")
+            # Before the commit: if Redis can't take the marker, nothing is revoked (503) rather than a
+            # revocation that replicas holding the key in memory would miss.
+            await self.redis.set(self._revoked_key(key.id), b"1", ex=REVOCATION_MARKER_SECONDS)
+            await repository.add_activity(
+                session, user_id=owner, kind="api_key_revoked", client_address=client, now=now,
+                details={"key_id": str(key.id), "name": key.name, "prefix": key.prefix},
+            )  # fmt: skip
+
+    async def authenticate(self, secret: str, client: str | None) -> Principal:
+        """The key owner's principal (never an administrator), or a 401."""
+        if not secret.startswith(API_KEY_PREFIX) or len(secret) > API_KEY_MAX_LENGTH:
+            raise Unauthorized(INVALID_API_KEY, headers=API_KEY_CHALLENGE)
+        now = utcnow()
+        digest = hash_token(secret)
+        cached = self._verified.get(digest)
+        if cached is not None:
+            if time.monotonic() < cached.valid_until and (cached.expires_at is None or now < cached.expires_at):
+                markers = [self._revoked_key(cached.key_id), self._revoked_user(cached.user_id)]
+                try:
+                    revoked = await self.redis.mget(markers)
+                except (RedisError, OSError):
+                    revoked = [b"unknown"]  # Redis can't say: the database decides, below
+                if not any(value is not None for value in revoked):
+                    self._note_use(cached.key_id, client)
+                    return Principal(user_id=str(cached.user_id), role="user", auth_method="api_key")
+            del self._verified[digest]
+        try:
+            async with transaction(self.sessions) as session:
+                found = await repository.api_key_owner(session, digest)
+        except Exception as exc:
+            store = store_unavailable(exc)
+            if store is None:
+                raise
+            # Answered by whatever route asked (the compatible routes in CoinGecko's shape).
+            raise ServiceUnavailable(f"{store} is unavailable; retry shortly") from None
+        if found is None:
+            log.info("api_key_rejected", reason="unknown")
+            raise Unauthorized(INVALID_API_KEY, headers=API_KEY_CHALLENGE)
+        key, owner_active = found
+        reason = (
+            "revoked" if key.revoked_at is not None
+            else "expired" if key.expires_at is not None and key.expires_at <= now
+            else "account disabled" if not owner_active
+            else None
+        )  # fmt: skip
+        if reason is not None:
+            log.info("api_key_rejected", reason=reason, key_id=str(key.id))
+            raise Unauthorized(INVALID_API_KEY, headers=API_KEY_CHALLENGE)
+        if len(self._verified) >= VERIFIED_KEYS_MAX_ENTRIES:
+            del self._verified[next(iter(self._verified))]  # the oldest entry
+        self._verified[digest] = _VerifiedKey(
+            key.id, key.user_id, key.expires_at, time.monotonic() + VERIFIED_KEY_TTL_SECONDS
+        )
+        self._note_use(key.id, client)
+        # Whatever the owner's role: a key alone never opens an admin route (guard.py refuses it there).
+        return Principal(user_id=str(key.user_id), role="user", auth_method="api_key")
+
+    def _note_use(self, key_id: uuid.UUID, client: str | None) -> None:
+        now = time.monotonic()
+        seen = self._marked.get(key_id)
+        if seen is not None and now - seen < LAST_USED_INTERVAL_SECONDS:
+            return
+        if len(self._marked) >= MARKS_MAX_ENTRIES:
+            # Forgetting only costs a Redis round trip per key, once, before the marker answers.
+            self._marked.clear()
+        self._marked[key_id] = now
+        task = asyncio.create_task(self._record_use(key_id, client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record_use(self, key_id: uuid.UUID, client: str | None) -> None:
+        """Writes ``last_used_at`` unless another replica did within the interval; the first use of a key
+        goes to its owner's activity log."""
+        try:
+            marker = self.settings.key("apikeys", "used", str(key_id))
+            if not await self.redis.set(marker, b"1", ex=LAST_USED_INTERVAL_SECONDS, nx=True):
+                return
+            now = utcnow()
+            async with transaction(self.sessions) as session:
+                first = await repository.touch_api_key(session, key_id, now)
+                key = await session.get(ApiKey, key_id) if first else None
+                if key is not None:
+                    await repository.add_activity(
+                        session, user_id=key.user_id, kind="api_key_first_used", client_address=client, now=now,
+                        details={"key_id": str(key.id), "name": key.name, "prefix": key.prefix},
+                    )  # fmt: skip
+        except Exception as exc:
+            # The request was served; only the "last used" time is late (the next interval writes it).
+            self._marked.pop(key_id, None)
+            log.warning("api_key_use_not_recorded", error=f"{type(exc).__name__}: {exc}")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=5)

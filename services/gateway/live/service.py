@@ -52,7 +52,7 @@ from shared.auth import Authenticator, Principal, bearer_token
 from shared.backoff import jittered_backoff
 from shared.errors import AppError, RateLimited, store_unavailable
 from shared.settings import Settings
-from shared.streams import ALERT_EVENTS_STREAM, PRICES_STREAM, PoisonMessage, StreamMessage
+from shared.streams import ALERT_EVENTS_STREAM, PRICES_STREAM, PoisonMessage, StreamMessage, decode_text
 from shared.validation import SYMBOL_RE
 
 log = structlog.get_logger("live")
@@ -89,10 +89,6 @@ def _reason(message: str) -> str:
     if len(encoded) <= CLOSE_REASON_BYTES:
         return message
     return encoded[: CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
-
-
-def _decode(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -259,7 +255,7 @@ class LiveHub:
         positions = {}
         for key in (self.prices_key, self.alerts_key):
             last = await self.redis.xrevrange(key, count=1)
-            current = _decode(last[0][0]) if last else "0-0"
+            current = decode_text(last[0][0]) if last else "0-0"
             saved = self._positions.get(key)
             positions[key] = saved if saved is not None and _id_key(saved) <= _id_key(current) else current
         return positions
@@ -267,10 +263,10 @@ class LiveHub:
     def _dispatch(self, response: Any) -> None:
         streams: Iterable[Any] = response.items() if isinstance(response, dict) else response or []
         for raw_key, entries in streams:
-            key = _decode(raw_key)
+            key = decode_text(raw_key)
             stream = PRICES_STREAM if key == self.prices_key else ALERT_EVENTS_STREAM
             for raw_id, fields in entries:
-                entry_id = _decode(raw_id)
+                entry_id = decode_text(raw_id)
                 self._positions[key] = entry_id
                 self.metrics.entries.labels(stream).inc()
                 try:
@@ -293,9 +289,9 @@ class LiveHub:
         if not isinstance(fields, dict):
             raise BadEntry("the entry has no fields")
         try:
-            text = {_text(k): _text(v) for k, v in fields.items()}
+            text = {decode_text(k): decode_text(v) for k, v in fields.items()}
             return StreamMessage(id="", fields=text).payload()
-        except (PoisonMessage, UnicodeDecodeError) as exc:
+        except PoisonMessage as exc:  # bytes that are not UTF-8 were replaced: they fail as JSON here
             raise BadEntry(str(exc)) from None
 
     def _fan_out_price(self, payload: dict[str, Any], entry_id: str) -> None:
@@ -768,7 +764,3 @@ def _origin_key(url: str) -> tuple[str, str, int] | None:
     if scheme not in ("http", "https") or not parts.hostname:
         return None
     return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -26,8 +26,10 @@ Reports = Annotated[ReportService, Depends(lifespan_state("reports", ReportServi
     description="Requests per route with p50/p95/p99 latency and error rates, task counts and failure rates, "
     "each source's uptime and errors, alert deliveries by outcome, stream reclaims and dead letters.\n\n"
     "Example: `GET /api/v1/admin/report?since=24h` (also `15m`, `7d`, or an ISO 8601 moment). "
-    "`coinlytics report --since 24h --format html` draws the same as charts.",
-    responses=error_responses(401, 403, 422, 429),
+    "`coinlytics report --since 24h --format html` draws the same as charts. A `since` older than the system "
+    "log's retention starts the window there (`window_clamped`: true). One report is built at a time: a request "
+    "that waits more than a few seconds for another's is answered 503 with Retry-After.",
+    responses=error_responses(401, 403, 422, 429, 503),
 )
 async def report(
     reports: Reports,

@@ -16,7 +16,10 @@ class RouteStats(BaseModel):
     status_5xx: int = Field(description="answers with a status of 500 or more", examples=[1])
     error_rate_4xx: float = Field(description="status_4xx / count", examples=[0.0079])
     error_rate_5xx: float = Field(description="status_5xx / count", examples=[0.0007])
-    p50_ms: float | None = Field(description="median duration (nearest rank)", examples=[3.2])
+    p50_ms: float | None = Field(
+        description="median duration (nearest rank, within 1% of the exact value: a bounded histogram)",
+        examples=[3.2],
+    )
     p95_ms: float | None = Field(examples=[11.8])
     p99_ms: float | None = Field(examples=[40.5])
     max_ms: float | None = Field(examples=[212.0])
@@ -41,14 +44,19 @@ class SourceStats(BaseModel):
     kind: str | None = Field(examples=["ws"])
     uptime: float = Field(
         description="fraction of the window the source was connected (0 to 1), from its connect/disconnect "
-        "events; a source with only errors is 0",
+        "events; an ingest start (service_starting) counts every source down until its next connect; a source "
+        "with only errors is 0",
         examples=[0.9931],
     )
     connected_seconds: float = Field(examples=[85803.0])
     connected_at_end: bool = Field(description="connected at the window's end", examples=[True])
     connects: int = Field(examples=[3])
     disconnects: int = Field(examples=[2])
-    errors: int = Field(description="source_error plus source_disconnected events", examples=[5])
+    errors: int = Field(
+        description='source_error plus source_disconnected events, except disconnects with reason "stopped" '
+        "(ingest closing the link on purpose)",
+        examples=[5],
+    )
     last_error: str | None = Field(examples=["ConnectionClosedError: no close frame received"])
 
 
@@ -76,6 +84,12 @@ class StreamStats(BaseModel):
 class ReportOut(BaseModel):
     since: datetime = Field(examples=["2026-11-30T13:55:00Z"])
     until: datetime = Field(examples=["2026-12-01T13:55:00Z"])
+    window_clamped: bool = Field(
+        default=False,
+        description="true when `since` was earlier than the system log's retention (system_log_retention_days) "
+        "and the window was made to start there instead",
+        examples=[False],
+    )
     log_path: str = Field(
         description="the system log the report read", examples=["/var/lib/coinlytics/coinlytics_system.log"]
     )

@@ -1,23 +1,24 @@
 """Builds the report from the system log: the current file and its rotated siblings, read line by line.
 
-Only the aggregates stay in memory. Durations are kept per route and task (8 bytes each, in arrays) so the
-percentiles are exact rather than estimated: a million requests in a window cost about 8 MB.
+Only the aggregates stay in memory: durations go into a bounded latency summary per route, task and delivery
+outcome (services/gateway/reports/latency.py: percentiles within 1% of the exact ones), so the memory a report
+takes depends on how many routes and tasks there are, not on how many lines the window holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from services.gateway.reports.latency import LatencySummary
 from services.gateway.reports.schemas import (
     AlertStats,
     DeliveryStats,
@@ -27,17 +28,9 @@ from services.gateway.reports.schemas import (
     StreamStats,
     TaskStats,
 )
-from shared.errors import ValidationFailed
+from shared.errors import ServiceUnavailable, ValidationFailed
 from shared.system_log import log_files
 from shared.timeparse import parse_since, parse_time
-
-
-def percentile(ordered: list[float], q: float) -> float | None:
-    """Nearest rank: the smallest observed value with at least ``q`` of the values at or below it."""
-    if not ordered:
-        return None
-    rank = max(1, math.ceil(q * len(ordered)))
-    return round(ordered[rank - 1], 3)
 
 
 def _number(value: Any) -> float | None:
@@ -52,12 +45,58 @@ def _text(value: Any, default: str = "unknown") -> str:
     return value[:200] if isinstance(value, str) and value else default
 
 
+# Ingest starting means every link it had is gone, whether it said so (a stop logs source_disconnected with
+# reason "stopped") or not (kill -9, a crash, an OOM kill): each source is down until its next source_connected.
+INGEST = "ingest"
+STOPPED = "stopped"
+# Bytes a line about a source's state contains: rotated files older than the window are searched for these
+# alone (no JSON parsing of the other lines) to learn each source's state when the window opens.
+_STATE_MARKERS = (b'"source_', b"service_starting")
+_CHUNK = 1 << 20
+
+
+def _parse(raw: bytes) -> tuple[dict[str, Any], datetime] | None:
+    """A line's object and moment, or None for a line that is not ours (or torn)."""
+    try:
+        line = orjson.loads(raw)
+        moment = datetime.fromisoformat(line["timestamp"])
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        return None
+    if not isinstance(line, dict):
+        return None
+    return line, moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _state_lines(path: Path) -> Iterator[bytes]:
+    """The lines of ``path`` holding one of the state markers, found by byte search over 1 MiB chunks."""
+    with path.open("rb") as handle:
+        rest = b""
+        while True:
+            chunk = handle.read(_CHUNK)
+            block = rest + chunk
+            end = len(block) if not chunk else block.rfind(b"\n") + 1
+            block, rest = block[:end], block[end:]
+            found: dict[int, int] = {}
+            for marker in _STATE_MARKERS:
+                at = block.find(marker)
+                while at != -1:
+                    start = block.rfind(b"\n", 0, at) + 1
+                    stop = block.find(b"\n", at)
+                    stop = len(block) if stop == -1 else stop
+                    found[start] = stop
+                    at = block.find(marker, stop)
+            for start in sorted(found):
+                yield block[start : found[start]]
+            if not chunk:
+                return
+
+
 @dataclass
 class _Route:
     count: int = 0
     status_4xx: int = 0
     status_5xx: int = 0
-    durations: array[float] = field(default_factory=lambda: array("d"))
+    durations: LatencySummary = field(default_factory=LatencySummary)
 
 
 @dataclass
@@ -67,7 +106,7 @@ class _Task:
     failed: int = 0
     retried: int = 0
     last_error: str | None = None
-    durations: array[float] = field(default_factory=lambda: array("d"))
+    durations: LatencySummary = field(default_factory=LatencySummary)
 
 
 @dataclass
@@ -106,8 +145,11 @@ class ReportBuilder:
         self.sources: dict[str, _Source] = {}
         self.streams: dict[str, _Stream] = {}
         self.fired = 0
-        self.deliveries: dict[tuple[str, str], array[float]] = {}
+        self.deliveries: dict[tuple[str, str], LatencySummary] = {}
         self.delivery_counts: Counter[tuple[str, str]] = Counter()
+        # Moments ingest started: in the window, and the last one before it.
+        self.restarts: list[datetime] = []
+        self.restart_before: datetime | None = None
 
     def feed_file(self, path: Path) -> bool:
         """Reads one file; False if it is gone (a rotated file removed by the cleanup job meanwhile)."""
@@ -121,27 +163,44 @@ class ReportBuilder:
                     self.feed_line(raw)
         return True
 
+    def feed_states(self, path: Path) -> bool:
+        """Only the lines of ``path`` that tell a source's state before the window (a rotated file written
+        before it, otherwise skipped); False if the file is gone."""
+        try:
+            for raw in _state_lines(path):
+                parsed = _parse(raw)
+                if parsed is not None and parsed[1] < self.since:
+                    self._before_window(*parsed)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _before_window(self, line: dict[str, Any], moment: datetime) -> None:
+        """A line before the window: kept only for the sources' states when the window opens."""
+        event = line.get("event")
+        if event in ("source_connected", "source_disconnected"):
+            state = self._source(line)
+            if state.before is None or state.before[0] <= moment:
+                state.before = (moment, event == "source_connected")
+        elif (
+            event == "service_starting"
+            and line.get("service") == INGEST
+            and (self.restart_before is None or self.restart_before < moment)
+        ):
+            self.restart_before = moment
+
     def feed_line(self, raw: bytes) -> None:
         self.lines_read += 1
-        try:
-            line = orjson.loads(raw)
-            moment = datetime.fromisoformat(line["timestamp"])
-        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        parsed = _parse(raw)
+        if parsed is None:
             # A torn last line (a writer killed mid-write, or the disk full), or not ours.
             self.lines_skipped += 1
             return
-        if not isinstance(line, dict):
-            self.lines_skipped += 1
-            return
-        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+        line, moment = parsed
         event = line.get("event")
         if moment < self.since:
             self.outside += 1
-            if event in ("source_connected", "source_disconnected"):
-                # The source's state when the window opens.
-                state = self._source(line)
-                if state.before is None or state.before[0] <= moment:
-                    state.before = (moment, event == "source_connected")
+            self._before_window(line, moment)
             return
         if moment > self.until:
             self.outside += 1
@@ -172,8 +231,8 @@ class ReportBuilder:
         elif status is not None and status >= 500:
             route.status_5xx += 1
         duration = _number(line.get("duration_ms"))
-        if duration is not None:
-            route.durations.append(duration)
+        if duration is not None and duration >= 0:
+            route.durations.add(duration)
 
     def _task(self, line: dict[str, Any], moment: datetime) -> None:
         name = _text(line.get("task"))
@@ -191,8 +250,8 @@ class ReportBuilder:
             task.retried += line.get("will_retry") is True
             task.last_error = _text(line.get("error"), "") or task.last_error
         duration = _number(line.get("duration_ms"))
-        if duration is not None:
-            task.durations.append(duration)
+        if duration is not None and duration >= 0:
+            task.durations.add(duration)
 
     def _source_event(self, line: dict[str, Any], moment: datetime) -> None:
         state = self._source(line)
@@ -201,11 +260,17 @@ class ReportBuilder:
             state.connects += 1
             state.transitions.append((moment, True))
             return
-        state.errors += 1
-        state.last_error = _text(line.get("reason"), "") or state.last_error
         if event == "source_disconnected":
             state.disconnects += 1
             state.transitions.append((moment, False))
+            if line.get("reason") == STOPPED:
+                return  # ingest closed the link on purpose: downtime, not an error
+        state.errors += 1
+        state.last_error = _text(line.get("reason"), "") or state.last_error
+
+    def _service_start(self, line: dict[str, Any], moment: datetime) -> None:
+        if line.get("service") == INGEST:
+            self.restarts.append(moment)
 
     def _stream(self, line: dict[str, Any], moment: datetime) -> None:
         name = _text(line.get("stream"))
@@ -230,19 +295,28 @@ class ReportBuilder:
         key = (_text(line.get("channel")), _text(line.get("outcome")))
         self.delivery_counts[key] += 1
         duration = _number(line.get("duration_ms"))
-        if duration is not None:
-            self.deliveries.setdefault(key, array("d")).append(duration)
+        if duration is not None and duration >= 0:
+            summary = self.deliveries.get(key)
+            if summary is None:
+                summary = self.deliveries[key] = LatencySummary()
+            summary.add(duration)
 
     def _uptime(self, state: _Source) -> tuple[float, bool]:
         """Seconds connected in the window, and whether connected at its end."""
-        transitions = sorted(state.transitions, key=lambda t: t[0])
-        if state.before is not None:
+        own = sorted(state.transitions, key=lambda t: t[0])
+        restart = self.restart_before
+        # At the same moment, the connect came after the start (ingest logs its start before opening sources).
+        if state.before is not None and (restart is None or restart <= state.before[0]):
             connected = state.before[1]
-        elif transitions:
+        elif restart is not None:
+            connected = False  # ingest restarted before the window, and the source did not connect since
+        elif own:
             # No earlier line: a disconnect as the first change means it was connected when the window opened.
-            connected = not transitions[0][1]
+            connected = not own[0][1]
         else:
             connected = False  # only errors: never seen connected
+        # An ingest start takes every source down; at the same moment as a connect, the start goes first.
+        transitions = sorted([(moment, False) for moment in self.restarts] + own, key=lambda t: t[0])
         seconds = 0.0
         mark = self.since
         for moment, now_connected in transitions:
@@ -257,31 +331,35 @@ class ReportBuilder:
         window = max((self.until - self.since).total_seconds(), 1e-9)
         requests = []
         for (service, method, route_name), route in sorted(self.routes.items()):
-            ordered = sorted(route.durations)
+            latency = route.durations
             requests.append(
                 RouteStats(
                     service=service, method=method, route=route_name, count=route.count,
                     status_4xx=route.status_4xx, status_5xx=route.status_5xx,
                     error_rate_4xx=round(route.status_4xx / route.count, 4),
                     error_rate_5xx=round(route.status_5xx / route.count, 4),
-                    p50_ms=percentile(ordered, 0.50), p95_ms=percentile(ordered, 0.95),
-                    p99_ms=percentile(ordered, 0.99), max_ms=round(ordered[-1], 3) if ordered else None,
+                    p50_ms=latency.quantile(0.50), p95_ms=latency.quantile(0.95),
+                    p99_ms=latency.quantile(0.99), max_ms=latency.max_ms(),
                 )
             )  # fmt: skip
         tasks = []
         for name, task in sorted(self.tasks.items()):
-            ordered = sorted(task.durations)
             finished = task.completed + task.failed
             tasks.append(
                 TaskStats(
                     task=name, started=task.started, completed=task.completed, failed=task.failed,
                     retried=task.retried, failure_rate=round(task.failed / finished, 4) if finished else None,
-                    p50_ms=percentile(ordered, 0.50), p95_ms=percentile(ordered, 0.95), last_error=task.last_error,
+                    p50_ms=task.durations.quantile(0.50), p95_ms=task.durations.quantile(0.95),
+                    last_error=task.last_error,
                 )
             )  # fmt: skip
         sources = []
         for name, state in sorted(self.sources.items()):
-            if not (state.transitions or state.errors or state.before):
+            # A source whose last word came before ingest's last start, and with nothing in the window, is no
+            # longer run (removed from the configuration): left out, as one never seen.
+            restart = self.restart_before
+            known = state.before is not None and (restart is None or restart <= state.before[0])
+            if not (state.transitions or state.errors or known):
                 continue
             seconds, at_end = self._uptime(state)
             sources.append(
@@ -294,7 +372,8 @@ class ReportBuilder:
         deliveries = [
             DeliveryStats(
                 channel=channel, outcome=outcome, count=count,
-                p95_ms=percentile(sorted(self.deliveries.get((channel, outcome), ())), 0.95),
+                p95_ms=self.deliveries[(channel, outcome)].quantile(0.95)
+                if (channel, outcome) in self.deliveries else None,
             )
             for (channel, outcome), count in sorted(self.delivery_counts.items())
         ]  # fmt: skip
@@ -323,6 +402,7 @@ _HANDLERS = {
     "source_connected": ReportBuilder._source_event,
     "source_disconnected": ReportBuilder._source_event,
     "source_error": ReportBuilder._source_event,
+    "service_starting": ReportBuilder._service_start,
     "consumer_started": ReportBuilder._stream,
     "consumer_stopped": ReportBuilder._stream,
     "consumer_reclaimed": ReportBuilder._stream,
@@ -332,27 +412,33 @@ _HANDLERS = {
 }
 
 
-def _files_in_window(paths: list[Path], since: datetime) -> Iterator[Path | None]:
-    """Each file, or None for one last written before ``since`` (none of its lines can be in the window)."""
+def _files_in_window(paths: list[Path], since: datetime) -> Iterator[tuple[Path, bool]]:
+    """Each file, and False for one last written before ``since`` (none of its lines can be in the window)."""
     for path in paths:
         try:
             modified = path.stat().st_mtime
         except FileNotFoundError:
             continue
-        yield None if modified < since.timestamp() else path
+        yield path, modified >= since.timestamp()
 
 
 def build_report(log_path: Path, since: datetime, until: datetime) -> ReportOut:
     """The report of ``[since, until]`` from the system log at ``log_path`` (blocking: file reads)."""
     builder = ReportBuilder(since, until)
     read: list[Path] = []
-    skipped = 0
-    for path in _files_in_window(log_files(log_path), since):
-        if path is None:
-            skipped += 1
+    older: list[Path] = []
+    for path, in_window in _files_in_window(log_files(log_path), since):
+        if not in_window:
+            older.append(path)
         elif builder.feed_file(path):
             read.append(path)
-    return builder.result(log_path, read, skipped)
+    # The sources' states when the window opens, from the files before it, newest first: a stable source's
+    # only source_connected can be days old. Once an ingest start is known, nothing older matters.
+    for path in reversed(older):
+        if builder.restart_before is not None:
+            break
+        builder.feed_states(path)
+    return builder.result(log_path, read, len(older))
 
 
 def window(since: str, until: str | None, now: datetime | None = None) -> tuple[datetime, datetime]:
@@ -365,11 +451,44 @@ def window(since: str, until: str | None, now: datetime | None = None) -> tuple[
     return start, end
 
 
+def clamp_to_retention(
+    start: datetime, end: datetime, retention_days: float, now: datetime | None = None
+) -> tuple[datetime, bool]:
+    """The window's start moved up to the oldest moment the log keeps, and whether it had to be."""
+    oldest = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+    if start >= oldest:
+        return start, False
+    if end <= oldest:
+        raise ValidationFailed(
+            f"until: the system log keeps {retention_days:g} days; the window ends before that",
+            details={"parameter": "until"},
+        )
+    return oldest, True
+
+
 class ReportService:
-    def __init__(self, log_path: Path) -> None:
+    """The gateway's reports: one built at a time (a build is a thread reading files, holding the GIL while it
+    parses), over at most the log's retention."""
+
+    def __init__(self, log_path: Path, retention_days: float = 7.0, wait_seconds: float = 5.0) -> None:
         self.log_path = log_path
+        self.retention_days = retention_days
+        # How long a second request waits for the one being built before it is told to come back.
+        self.wait_seconds = wait_seconds
+        self.building = asyncio.Semaphore(1)
 
     async def report(self, since: str, until: str | None = None) -> ReportOut:
         start, end = window(since, until)
-        # A day of log is many megabytes: parsed off the event loop.
-        return await asyncio.to_thread(build_report, self.log_path, start, end)
+        start, clamped = clamp_to_retention(start, end, self.retention_days)
+        try:
+            async with asyncio.timeout(self.wait_seconds):
+                await self.building.acquire()
+        except TimeoutError:
+            raise ServiceUnavailable("another report is being built; retry shortly", retry_after=5) from None
+        try:
+            # A day of log is many megabytes: parsed off the event loop.
+            report = await asyncio.to_thread(build_report, self.log_path, start, end)
+        finally:
+            self.building.release()
+        report.window_clamped = clamped
+        return report

@@ -86,7 +86,8 @@ def tables(report: ReportOut) -> list[Table]:
 def summary(report: ReportOut) -> list[str]:
     levels = ", ".join(f"{level} {_n(count)}" for level, count in report.levels.items()) or "none"
     return [
-        f"Coinlytics report {_moment(report.since)} .. {_moment(report.until)}",
+        f"Coinlytics report {_moment(report.since)} .. {_moment(report.until)}"
+        + (" (start moved up to the log's retention)" if report.window_clamped else ""),
         f"log: {report.log_path}",
         f"files read {report.files_read} (older skipped {report.files_skipped}), lines read {_n(report.lines_read)}, "
         f"unparsable {_n(report.lines_skipped)}, outside the window {_n(report.lines_outside_window)}",

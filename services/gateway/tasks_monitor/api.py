@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from services.gateway.guard import require_admin_principal
 from services.gateway.tasks_monitor.schemas import RetryOut, TaskJobOut, TasksOut
@@ -61,9 +61,15 @@ async def get_task(monitor: Monitor, _admin: Admin, job_id: JobId) -> TaskJobOut
     response_model=RetryOut,
     summary="Run a failed job again (administrators)",
     description="Enqueues the failed job's function with the same arguments on the same queue, under a new job "
-    "id (returned). Jobs are idempotent, so this is safe. 404: no such job in the last 24 hours; 409: the job "
-    "has not failed (queued, running or completed).",
-    responses=error_responses(401, 403, 404, 409, 422, 429),
+    "id (returned, 202). Jobs are idempotent, so this is safe. Once per failed job: asked again (a second click, "
+    "two administrators at once), it answers 200 with the retry already made and its current status, and "
+    "enqueues nothing. 404: no such job in the last 24 hours; 409: the job has not failed (queued, running or "
+    "completed).",
+    responses=error_responses(401, 403, 404, 409, 422, 429)
+    | {200: {"model": RetryOut, "description": "the job was retried already: that retry"}},
 )
-async def retry_task(monitor: Monitor, _admin: Admin, job_id: JobId) -> RetryOut:
-    return RetryOut.model_validate(await monitor.retry(job_id))
+async def retry_task(monitor: Monitor, _admin: Admin, job_id: JobId, response: Response) -> RetryOut:
+    body, created = await monitor.retry(job_id)
+    if not created:
+        response.status_code = 200
+    return RetryOut.model_validate(body)

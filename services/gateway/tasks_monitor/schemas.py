@@ -153,4 +153,6 @@ class RetryOut(BaseModel):
     retry_of: str = Field(examples=["cron:sweep_deliveries:1796133247123"])
     task: str = Field(examples=["cron:sweep_deliveries"])
     queue: str = Field(examples=["alerting"])
-    status: Literal["queued"] = "queued"
+    status: JobStatus = Field(
+        default="queued", description="the retry's status: queued when made; now, when it was made before (200)"
+    )

@@ -13,16 +13,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway.guard import guard_anonymous
 from services.gateway.web.service import WebService
 from shared.errors import error_responses
-from shared.service_app import lifespan_state
+from shared.service_app import lifespan_getter, lifespan_state
 from shared.validation import SYMBOL_PATTERN, normalise_email
 
 router = APIRouter(include_in_schema=False)
 session_router = APIRouter(tags=["dashboard session"])
 
 # Also called directly: the not-found route is a plain Starlette route, without dependency injection.
-_web = lifespan_state("web", WebService)
-_own_routes = lifespan_state("own_routes", list)
-Web = Annotated[WebService, Depends(_web)]
+_web = lifespan_getter("web", WebService)
+_own_routes = lifespan_getter("own_routes", list)
+Web = Annotated[WebService, Depends(lifespan_state("web", WebService))]
 
 
 class SignIn(BaseModel):

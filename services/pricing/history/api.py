@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from services.pricing.history.schemas import HistoryOut
 from services.pricing.history.service import INTERVAL_CHOICES, MAX_POINTS, HistoryService, plan_query
 from shared.errors import ValidationFailed, error_responses
-from shared.responses import DecimalJSONResponse
+from shared.responses import FastDecimalJSONResponse
 from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
 from shared.validation import SYMBOL_PATTERN, SYMBOL_RE, TIME_DESCRIPTION, TIME_SCHEMA
@@ -73,7 +73,7 @@ async def get_history(
         examples=["1632268800"],
     ),
     interval: Interval = Query(default="auto", description="1m, 5m, 15m, 1h, 4h, 1d or auto", examples=["auto"]),
-) -> DecimalJSONResponse:
+) -> FastDecimalJSONResponse:
     query = plan_query(
         _symbol(symbol, "symbol"),
         _symbol(vs, "vs"),
@@ -83,4 +83,4 @@ async def get_history(
         now=datetime.now(UTC),
     )
     rows = await service.candles(query)
-    return DecimalJSONResponse(rows, headers={INTERVAL_HEADER: query.interval})
+    return FastDecimalJSONResponse(rows, headers={INTERVAL_HEADER: query.interval})
