@@ -13,7 +13,7 @@ import pytest
 from services.gateway.app import create_app as gateway_app
 from services.ingest.app import create_app as ingest_app
 from services.pricing.app import create_app as pricing_app
-from tests.conftest import eventually, make_settings, serve_app
+from tests.conftest import eventually, free_port, make_settings, serve_app
 from tests.replay import ReplayServer, serve_binance
 
 
@@ -35,7 +35,10 @@ async def platform(exchange_fixtures, replay: ReplayServer, settings, monkeypatc
         base["database_url"], base["redis_url"], base["namespace"], sources=["binance"], coins=["BTC", "ETH"]
     )
     async with serve_app(pricing_app(common)) as pricing_url, serve_app(ingest_app(common)) as ingest_url:
-        gw_settings = common.model_copy(update={"pricing_url": pricing_url, "ingest_url": ingest_url})
+        # The services this test does not start point at a port nothing listens on, not at their defaults
+        # (a platform running on this machine would answer there).
+        absent = {f"{name}_url": f"http://127.0.0.1:{free_port()}" for name in ("conversion", "analytics", "alerting")}
+        gw_settings = common.model_copy(update={"pricing_url": pricing_url, "ingest_url": ingest_url, **absent})
         async with serve_app(gateway_app(gw_settings)) as gateway_url:
             yield gateway_url
 
