@@ -8,6 +8,9 @@ dead-lettered ticks it should have waited to apply.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import asyncpg
 import pytest
 from sqlalchemy import text
@@ -16,8 +19,11 @@ from shared.db import create_engine
 from shared.errors import store_unavailable
 
 
-async def test_a_missing_postgres_socket_is_the_database_being_unavailable(tmp_path):
-    url = f"postgresql://postgres@/coinlytics?host={tmp_path / 'no-server-here'}"
+async def test_a_missing_postgres_socket_is_the_database_being_unavailable():
+    # A short directory of its own: under a long checkout path the test's tmp_path makes the socket path
+    # longer than AF_UNIX allows, a different error than the missing socket this is about.
+    short = tempfile.mkdtemp(prefix="cl-", dir="/tmp")
+    url = f"postgresql://postgres@/coinlytics?host={short}/no-server-here"
     with pytest.raises(OSError) as direct:
         await asyncpg.connect(url)
     assert store_unavailable(direct.value) == "the database"
@@ -28,6 +34,7 @@ async def test_a_missing_postgres_socket_is_the_database_being_unavailable(tmp_p
                 await conn.execute(text("SELECT 1"))
     finally:
         await engine.dispose()
+        os.rmdir(short)
     assert store_unavailable(pooled.value) == "the database"
 
 
