@@ -8,8 +8,8 @@ dead-lettered ticks it should have waited to apply.
 
 from __future__ import annotations
 
-import os
 import tempfile
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -34,7 +34,7 @@ async def test_a_missing_postgres_socket_is_the_database_being_unavailable():
                 await conn.execute(text("SELECT 1"))
     finally:
         await engine.dispose()
-        os.rmdir(short)
+        Path(short).rmdir()
     assert store_unavailable(pooled.value) == "the database"
 
 
