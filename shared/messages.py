@@ -119,11 +119,26 @@ def status_at(status: str, fresh_until: datetime | str | None, now: datetime) ->
     votes since it was computed, whatever the cache or the database still say."""
     if status != "fresh":
         return status
-    if not fresh_until:
-        return "stale"  # no expiry recorded (a price from before it existed): not vouched for
-    if isinstance(fresh_until, str):
+    # No expiry recorded (a price from before it existed), or an unreadable one: not vouched for.
+    until = _fresh_until(fresh_until)
+    return "fresh" if until is not None and now <= until else "stale"
+
+
+def seconds_until_stale(payload: dict[str, Any], now: datetime) -> float | None:
+    """How long a "fresh" price event stays so after ``now`` (0: no longer); None for any other status, which
+    only a new event changes. An answer showing the price may be reused only that long."""
+    if str(payload.get("status")) != "fresh":
+        return None
+    until = _fresh_until(payload.get("fresh_until"))
+    return max(0.0, (until - now).total_seconds()) if until is not None else 0.0
+
+
+def _fresh_until(value: datetime | str | None) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, str):
         try:
-            fresh_until = datetime.fromisoformat(fresh_until.replace("Z", "+00:00"))
+            return datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            return "stale"
-    return "fresh" if now <= fresh_until else "stale"
+            return None
+    return value

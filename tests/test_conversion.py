@@ -11,11 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.conversion import api as conversion_api
 from services.conversion.app import create_app as conversion_app
 from services.gateway.app import create_app as gateway_app
 from services.pricing.service import PriceCache, PricingService
 from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
+from shared.responses import MemoHint
 from shared.service_app import redis_client
 from shared.streams import StreamPublisher
 from tests.conftest import eventually, make_settings, serve_app
@@ -306,6 +308,48 @@ async def test_cache_refreshes_on_a_prices_stream_event(stack, db, redis):
     assert int(await redis.get(stack.settings.key("conversion", "rates", "version"))) > version
     groups = await redis.xinfo_groups(f"{stack.settings.redis_namespace}:stream:prices")
     assert any(g["name"] == b"conversion" for g in groups)
+
+
+async def test_the_gateway_reuses_a_live_conversion_until_any_price_event(stack, db, monkeypatch):
+    # Kept for 30 s here (0.5 s in service): only the prices stream can make the gateway's answer move.
+    monkeypatch.setattr(conversion_api, "LIVE_MEMO", MemoHint(ttl=30.0, pairs={}, any_pair=True))
+    await stack.pricing.apply_ticks(ticker_rows(stack.fixtures, BINANCE, {"BTCUSDT": ("BTC", "USDT")}))
+    gw = stack.settings.model_copy(update={"conversion_url": stack.url})
+    app = gateway_app(gw)
+    async with serve_app(app) as gateway, httpx.AsyncClient(base_url=gateway) as client:
+        memo = app.state.upstreams.memo
+        await priced(stack, client, [("BTC", "USD")])
+        params = {"from": "BTC", "to": "USD", "amount": "2"}
+
+        async def memoised():
+            await client.get("/api/v1/convert", params=params)
+            return any(key.startswith("conversion ") for key in memo.copies)
+
+        await eventually(memoised)
+        first = body_of(await client.get("/api/v1/convert", params=params))
+        # A past moment is not live: never kept.
+        past = {**params, "at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat()}
+        await client.get("/api/v1/convert", params=past)
+        assert not any("at=" in key for key in memo.copies)
+        later = ticker_rows(stack.fixtures, BINANCE_US, {"BTCUSD": ("BTC", "USD")})
+        await stack.pricing.apply_ticks(later)
+        moved = await consolidated(db, "BTC", "USD")
+        assert moved != first["rate"]
+
+        async def dropped():
+            return not any(key.startswith("conversion ") for key in memo.copies)
+
+        # Nothing asked meanwhile: the event alone dropped the answer kept for 30 s.
+        await eventually(dropped, timeout=10)
+        # An answer given before the service applied the event may be kept again (the settle rule is a margin,
+        # not a proof), for the hint's ttl at most: 2 s from here.
+        monkeypatch.setattr(conversion_api, "LIVE_MEMO", MemoHint(ttl=2.0, pairs={}, any_pair=True))
+
+        async def refreshed():
+            body = body_of(await client.get("/api/v1/convert", params=params))
+            return body if body["rate"] == moved else None
+
+        await eventually(refreshed, timeout=10)
 
 
 async def test_through_the_gateway_with_docs(stack):

@@ -9,12 +9,17 @@ from fastapi import APIRouter, Depends, Query
 from services.conversion.schemas import ConvertOut, RatesOut
 from services.conversion.service import ConversionService, parse_amount, parse_currency
 from shared.errors import error_responses
-from shared.responses import FastDecimalJSONResponse
+from shared.responses import FastDecimalJSONResponse, MemoHint
 from shared.service_app import lifespan_state
 from shared.timeparse import parse_time
 from shared.validation import SYMBOL_PATTERN, TIME_DESCRIPTION, TIME_SCHEMA
 
 router = APIRouter(tags=["conversion"])
+
+# A live conversion may be reused by the gateway until the next price event of any pair (its route can change
+# with any edge of the table) and for half a second at most: fiat rates change without a price event, and the
+# service itself re-reads its table's version every VERSION_CHECK_SECONDS.
+LIVE_MEMO = MemoHint(ttl=0.5, pairs={}, any_pair=True)
 
 CONVERT_DESCRIPTION = """
 Converts an amount between any two currencies: tracked coins, the stablecoins seen in quotes (at their
@@ -79,7 +84,10 @@ async def convert(
     value = parse_amount(amount)
     moment = parse_time(at, "at") if at is not None else None
     body = await service.convert(src, dst, value, at=moment, precision=precision)
-    return FastDecimalJSONResponse(body)
+    response = FastDecimalJSONResponse(body)
+    if body.get("basis") == "live" and (header := LIVE_MEMO.header()) is not None:
+        response.headers[header[0]] = header[1]
+    return response
 
 
 @router.get(

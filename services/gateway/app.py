@@ -21,6 +21,7 @@ from services.gateway.compat.service import CompatService
 from services.gateway.consumers import activity_consumer
 from services.gateway.live.api import router as live_router
 from services.gateway.live.service import LiveHub
+from services.gateway.memo import ReadMemo
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.gateway.reports.api import router as reports_router
 from services.gateway.reports.service import ReportService
@@ -49,13 +50,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.limiter = SlidingWindowLimiter(resources.redis, settings.key("ratelimit"))
         app.state.auth = AuthService(settings, resources.sessions, resources.redis, resources.publisher, denylist)
         app.state.web = WebService(settings, app.state.auth)
-        app.state.upstreams = Upstreams(settings)
+        memo = ReadMemo(resources.registry)
+        app.state.upstreams = Upstreams(settings, memo)
         app.state.compat = CompatService(settings, app.state.upstreams)
         app.state.reports = ReportService(settings.system_log_file(), settings.system_log_retention_days)
         app.state.tasks_monitor = TaskMonitor(settings, resources.redis, JobQueue(settings))
         hub = LiveHub(
             settings, resources.redis, resources.sessions, app.state.authenticator, app.state.limiter, app.state.auth,
-            registry=resources.registry,
+            registry=resources.registry, memo=memo,
         )  # fmt: skip
         app.state.live_hub = hub
         resources.supervisor.start("live-hub", hub.run, check=hub.stall_reason)

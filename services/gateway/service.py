@@ -14,9 +14,11 @@ from fastapi import Request, Response
 from yarl import URL
 
 from services.gateway.guard import API_KEY_HEADERS
+from services.gateway.memo import ReadMemo, Ticket
 from shared.auth import INTERNAL_HEADERS, Principal, sign_internal
 from shared.errors import BadGateway, GatewayTimeout, NotFound
 from shared.logging import CORRELATION_HEADER, get_correlation_id
+from shared.responses import MEMO_HEADER, MemoHint
 from shared.service_app import ROUTE_HEADER, ROUTE_TEMPLATE_KEY, UPSTREAM_KEEPALIVE_SECONDS
 from shared.settings import Settings
 
@@ -45,7 +47,7 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Set on every response by the gateway itself (its correlation-id middleware, its server): a service's are not
 # passed on, or the client would get each twice.
-OWN_RESPONSE_HEADERS = frozenset({CORRELATION_HEADER, ROUTE_HEADER, "date", "server"})
+OWN_RESPONSE_HEADERS = frozenset({CORRELATION_HEADER, ROUTE_HEADER, MEMO_HEADER, "date", "server"})
 # A route template is short; anything longer is not one of ours.
 MAX_TEMPLATE = 200
 # Never passed on: the token (or API key) stays at the door, and identity travels only in the gateway's signature.
@@ -55,6 +57,7 @@ STRIPPED = HOP_BY_HOP | {"authorization", "cookie", *API_KEY_HEADERS, *INTERNAL_
 _STRIPPED_BYTES = frozenset(name.lower().encode() for name in STRIPPED | {CORRELATION_HEADER, "x-forwarded-for"})
 _NOT_PASSED_BACK = frozenset(name.lower().encode() for name in HOP_BY_HOP | OWN_RESPONSE_HEADERS)
 _ROUTE_HEADER_BYTES = ROUTE_HEADER.lower().encode()
+_MEMO_HEADER_BYTES = MEMO_HEADER.encode()
 GATEWAY_PRINCIPAL = Principal(user_id="gateway", role="service")
 SPEC_TTL_SECONDS = 30.0
 
@@ -74,8 +77,9 @@ class Upstreams:
     aiohttp rather than httpx here: under load the gateway spent most of its CPU in httpx's connection
     pool bookkeeping (measured with py-spy while benchmarking conversions through the gateway)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, memo: ReadMemo | None = None) -> None:
         self.settings = settings
+        self.memo = memo
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_seconds, sock_connect=2.0)
         self.session = aiohttp.ClientSession(
             # Closed before the service closes them (SERVICE_KEEPALIVE_SECONDS), never reused as they go.
@@ -93,8 +97,19 @@ class Upstreams:
         await self.session.close()
 
     async def forward(self, request: Request, service: str, principal: Principal) -> Response:
-        """Passes the request on with the caller's identity in a signed credential instead of its token."""
+        """Passes the request on with the caller's identity in a signed credential instead of its token; or
+        answers it from the read memo (services/gateway/memo.py) when the service said that would do."""
         path: str = request.scope["path"]
+        memo = self.memo if request.method == "GET" else None
+        memo_key = ""
+        ticket: Ticket = (0, False)
+        if memo is not None:
+            memo_key = service + " " + (request.scope.get("raw_path") or path.encode()).decode("latin-1") + "?"
+            memo_key += request.scope.get("query_string", b"").decode("latin-1")
+            copy = memo.lookup(memo_key)
+            if copy is not None:
+                return _response(request, copy.status, copy.body, copy.headers, copy.template)
+            ticket = memo.ticket()
         headers = {
             k.decode("latin-1"): v.decode("latin-1")
             for k, v in request.scope["headers"]
@@ -129,20 +144,24 @@ class Upstreams:
         except aiohttp.ClientError as exc:
             log.warning("upstream_unreachable", service=service, path=request.url.path, error=str(exc))
             raise BadGateway(f"the {service} service is unavailable", details={"service": service}) from None
-        response = Response(content=content, status_code=status)
-        # The service's headers as bytes, passed on without decoding and re-encoding each one; the length is
-        # the one Response computed for this body.
+        # The service's headers as bytes, passed on without decoding and re-encoding each one.
         passed: dict[bytes, bytes] = {}
+        template: str | None = None
+        hint: MemoHint | None = None
         for name, value in raw:
             lower = name.lower()
             if lower == _ROUTE_HEADER_BYTES:
-                template = value.decode("latin-1")
-                if template.startswith("/"):
-                    request.scope[ROUTE_TEMPLATE_KEY] = template[:MAX_TEMPLATE]
+                text = value.decode("latin-1")
+                if text.startswith("/"):
+                    template = text[:MAX_TEMPLATE]
+            elif lower == _MEMO_HEADER_BYTES:
+                hint = MemoHint.parse(value.decode("latin-1"))
             elif lower not in _NOT_PASSED_BACK:
                 passed[lower] = value
-        response.raw_headers = [*response.raw_headers, *passed.items()]
-        return response
+        headers_out = list(passed.items())
+        if memo is not None and hint is not None and status == 200:
+            memo.store(memo_key, ticket, hint, status=status, body=content, headers=headers_out, template=template)
+        return _response(request, status, content, headers_out, template)
 
     async def fetch_json(self, service: str, path: str, wait_seconds: float = 3.0) -> dict[str, Any] | None:
         headers = sign_internal(self.internal_key, "GET", path, GATEWAY_PRINCIPAL)
@@ -187,6 +206,17 @@ class Upstreams:
         self._spec, self._spec_at = merged, now
         self._spec_complete = all(s is not None for s in specs)
         return merged
+
+
+def _response(
+    request: Request, status: int, content: bytes, headers: list[tuple[bytes, bytes]], template: str | None
+) -> Response:
+    """A service's answer as the gateway passes it back; the length is the one Response computes for it."""
+    if template is not None:
+        request.scope[ROUTE_TEMPLATE_KEY] = template
+    response = Response(content=content, status_code=status)
+    response.raw_headers = [*response.raw_headers, *headers]
+    return response
 
 
 def _safe_json(body: bytes) -> Any:

@@ -70,7 +70,11 @@ async def get_prices(
         raise ValidationFailed(
             f"include: unknown field(s) {', '.join(unknown_extras)}; choose from {', '.join(INCLUDABLE)}"
         )
-    return FastDecimalJSONResponse(await pricing.price_table(bases, currencies, extras))
+    body, memo = await pricing.price_table(bases, currencies, extras)
+    response = FastDecimalJSONResponse(body)
+    if (header := memo.header()) is not None:
+        response.headers[header[0]] = header[1]
+    return response
 
 
 @router.get(

@@ -160,7 +160,10 @@ async def upsert_prices(session: AsyncSession, prices: Sequence[dict[str, object
     """Write consolidated prices; returns the (base, vs) keys actually written (not older than the stored)."""
     if not prices:
         return set()
-    result = await session.execute(_PRICE_UPSERT, list(prices))
+    # One order for every writer (consolidation, the freshness refresh, other shards' relays): rows locked in
+    # different orders by two transactions deadlocked under the freshness bench.
+    ordered = sorted(prices, key=lambda p: (str(p["base"]), str(p["vs"])))
+    result = await session.execute(_PRICE_UPSERT, ordered)
     return {(row[0], row[1]) for row in result.all()}
 
 

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import product
 from typing import Any
 
 import structlog
@@ -29,7 +30,8 @@ from shared.backoff import jittered_backoff
 from shared.db import transaction
 from shared.errors import NoFreshData, UnknownCurrency, UnknownSymbol, store_unavailable
 from shared.hmac_sign import sign, verify
-from shared.messages import TickMessage, effective_status, price_event
+from shared.messages import TickMessage, effective_status, price_event, seconds_until_stale
+from shared.responses import MemoHint
 from shared.settings import Settings
 from shared.streams import PRICES_STREAM, PoisonMessage, StreamMessage, StreamPublisher, decode_text
 
@@ -442,9 +444,11 @@ class PricingService:
 
     async def price_table(
         self, bases: Sequence[str], currencies: Sequence[str], extras: Sequence[str]
-    ) -> dict[str, dict[str, Any]]:
+    ) -> tuple[dict[str, dict[str, Any]], MemoHint]:
         """The body of /api/v1/prices: coin -> currency -> price and the requested ``extras``. A coin or
-        currency nobody knows is a 404; known ones with no price yet leave a gap (503 when all are gaps)."""
+        currency nobody knows is a 404; known ones with no price yet leave a gap (503 when all are gaps).
+        Also how long the gateway may reuse the body: until an event for one of its pairs (gaps included),
+        the first of its fresh prices turning stale, or MEMO_SECONDS."""
         found = await self.read_prices(bases, currencies)
         found_bases = {b for b, _ in found}
         found_vs = {v for _, v in found}
@@ -489,7 +493,18 @@ class PricingService:
                     value = entry.get(extra)
                     out[extra] = Decimal(value) if value is not None else None
                 body.setdefault(base, {})[currency] = out
-        return body
+        return body, self._memo_hint(found, bases, currencies)
+
+    @staticmethod
+    def _memo_hint(found: dict[Pair, dict[str, Any]], bases: Sequence[str], currencies: Sequence[str]) -> MemoHint:
+        now = datetime.now(UTC)
+        ttl = MEMO_SECONDS
+        for payload in found.values():
+            left = seconds_until_stale(payload, now)
+            if left is not None:
+                ttl = min(ttl, left)
+        events = {pair: found[pair].get("event_id") if pair in found else None for pair in product(bases, currencies)}
+        return MemoHint(ttl=ttl, pairs={pair: str(e) if e else None for pair, e in events.items()})
 
     async def source_comparison(self, base: str, currency: str) -> dict[str, Any]:
         """The body of /api/v1/prices/{symbol}/sources: each source's vote beside the consolidated price."""

@@ -46,6 +46,7 @@ from services.gateway.live.schemas import (
     BadEntry,
     Pair,
 )
+from services.gateway.memo import ReadMemo
 from services.gateway.ratelimit import SlidingWindowLimiter
 from services.pricing.coins.repository import active_coins
 from shared.auth import Authenticator, Principal, bearer_token
@@ -192,9 +193,12 @@ class LiveHub:
         limiter: SlidingWindowLimiter,
         auth: AuthService,
         registry: CollectorRegistry | None = None,
+        memo: ReadMemo | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
+        # The gateway's read memo (services/gateway/memo.py) hears the prices stream through this reader.
+        self.memo = memo
         self.sessions = sessions
         self.authenticator = authenticator
         self.limiter = limiter
@@ -235,6 +239,8 @@ class LiveHub:
                 response = await self.redis.xread(self._positions, count=READ_COUNT, block=READ_BLOCK_MS)
             except (RedisError, OSError) as exc:
                 outages += 1
+                if self.memo is not None:
+                    self.memo.clear()
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 delay = jittered_backoff(outages, base=0.5, cap=10.0, jitter="equal")
                 log.warning("live_redis_unavailable", error=self._last_error, retry_in=round(delay, 2))
@@ -247,6 +253,8 @@ class LiveHub:
             self._last_error = None
             self._last_read_at = time.monotonic()
             self._dispatch(response)
+            if self.memo is not None:
+                self.memo.heard()
 
     async def _start_positions(self) -> dict[str, str]:
         """Where to read from: each stream's last entry at the first start, so only new entries are pushed.
@@ -277,10 +285,12 @@ class LiveHub:
                         self._fan_out_alert(payload)
                 except BadEntry as exc:
                     self.metrics.bad_entries.labels(stream).inc()
+                    self._unreadable(stream)
                     log.warning("live_entry_skipped", stream=stream, entry_id=entry_id, reason=str(exc))
                 except Exception as exc:
                     # A payload shape nobody foresaw: one entry lost, never the reader.
                     self.metrics.bad_entries.labels(stream).inc()
+                    self._unreadable(stream)
                     log.exception("live_entry_failed", stream=stream, entry_id=entry_id, error=type(exc).__name__)
 
     @staticmethod
@@ -294,8 +304,16 @@ class LiveHub:
         except PoisonMessage as exc:  # bytes that are not UTF-8 were replaced: they fail as JSON here
             raise BadEntry(str(exc)) from None
 
+    def _unreadable(self, stream: str) -> None:
+        # An unreadable price entry may have been news for any pair: no memoised answer is vouched for.
+        if stream == PRICES_STREAM and self.memo is not None:
+            self.memo.clear()
+
     def _fan_out_price(self, payload: dict[str, Any], entry_id: str) -> None:
         pair, frame = schemas.price_frame(payload, entry_id)
+        if self.memo is not None:
+            event_id = payload.get("event_id")
+            self.memo.price_event(pair, event_id if isinstance(event_id, str) else None)
         coalesced = 0
         for socket in self.by_pair.get(pair, ()):
             coalesced += socket.offer_price(pair, frame)

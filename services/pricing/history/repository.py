@@ -30,7 +30,9 @@ async def upsert_live_candles(session: AsyncSession, rows: Sequence[dict[str, An
     Candles loaded from an exchange are left as they are."""
     if rows:
         # executemany with one cached statement: SQLAlchemy batches the rows into multi-row VALUES.
-        await session.execute(_LIVE_CANDLE_UPSERT, list(rows))
+        # In one order for every writer, as prices are (services/pricing/repository.py upsert_prices).
+        ordered = sorted(rows, key=lambda r: (str(r["base"]), str(r["vs"]), str(r["interval"]), r["t"]))
+        await session.execute(_LIVE_CANDLE_UPSERT, ordered)
 
 
 def _live_candle_upsert() -> Any:
