@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from bench.common import Figure, bench_settings, scratch_database
 from services.analytics.app import create_app
-from services.pricing.history.repository import candles_sql
+from services.pricing.history.repository import candle_floats_sql
 
 COINS = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "LTC", "DOT", "LINK", "AVAX",
          "BNB", "TRX", "MATIC", "ATOM", "XLM", "ETC", "FIL", "APT", "NEAR", "UNI"]  # fmt: skip
@@ -75,12 +75,11 @@ async def _generate(url: str, days: int) -> int:
 
 async def _bare(url: str, interval: str, lo: datetime, hi: datetime) -> float:
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(dsn)
+    # The platform's own connection settings (shared/db.py create_engine: no JIT).
+    conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
     try:
-        # The same statement the endpoint runs, with asyncpg's own parameters.
-        sql = candles_sql(interval, floats=True)
-        for name, number in ((":bases", "$1"), (":vs", "$2"), (":lo", "$3"), (":hi", "$4")):
-            sql = sql.replace(name, number)
+        # The same statement the endpoint runs.
+        sql = candle_floats_sql(interval)
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()

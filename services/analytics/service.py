@@ -84,7 +84,7 @@ class Cached:
     hit: bool
 
 
-def _frames(rows: Sequence[tuple[Any, ...]], symbols: Sequence[str]) -> dict[str, pd.DataFrame]:
+def _frames(rows: Sequence[Sequence[Any]], symbols: Sequence[str]) -> dict[str, pd.DataFrame]:
     """One DataFrame per coin (bucket start -> OHLCV floats), from the rows of one query."""
     frames: dict[str, pd.DataFrame] = {}
     if rows:

@@ -82,15 +82,28 @@ def _level_sql(level: str, *, base: str = "ANY(:bases)", lo: str = ":lo", hi: st
     step = f"INTERVAL '{STEP_SECONDS[level]} seconds'"
     # m_<level>: every bucket of the range, per coin, that has no stored row at this level.
     m = f"m_{level}"
-    coins = "unnest(CAST(:bases AS varchar[]))" if base == "ANY(:bases)" else f"(VALUES ({base}))"
-    missing = (
+    top = base == "ANY(:bases)"
+    coins = "unnest(CAST(:bases AS varchar[]))" if top else f"(VALUES ({base}))"
+    buckets = (
         f"SELECT b.base, g.t FROM {coins} AS b(base) "  # noqa: S608
         f"CROSS JOIN generate_series(date_bin({step}, {lo}, {ORIGIN}), {hi} - INTERVAL '1 microsecond', {step}) "
-        f"AS g(t) "
-        f"WHERE g.t >= {lo} AND NOT EXISTS (SELECT 1 FROM candles c WHERE c.base = b.base AND c.vs = :vs "
-        f"AND c.interval = '{level}' AND c.t = g.t)"
+        f"AS g(t) WHERE g.t >= {lo} "
     )
     below = _level_sql(finer, base=f"{m}.base", lo=f"{m}.t", hi=f"{m}.t + {step}")
+    if top:
+        # The whole range at once: the stored rows are read once, and the buckets they lack found by a hash
+        # anti-join against them (one index probe per bucket made a year of hourly candles take a second).
+        k = f"k_{level}"
+        missing = f"{buckets}AND NOT EXISTS (SELECT 1 FROM {k} WHERE {k}.base = b.base AND {k}.t = g.t)"  # noqa: S608
+        return (
+            f"WITH {k} AS MATERIALIZED ({stored}) SELECT * FROM {k} UNION ALL "  # noqa: S608
+            f"SELECT {m}.base, {m}.t, {_agg('f')} FROM ({missing}) AS {m} "
+            f"CROSS JOIN LATERAL ({below}) AS f GROUP BY 1, 2"
+        )
+    missing = (
+        f"{buckets}AND NOT EXISTS (SELECT 1 FROM candles c WHERE c.base = b.base AND c.vs = :vs "  # noqa: S608
+        f"AND c.interval = '{level}' AND c.t = g.t)"
+    )
     # Only our constants are formatted in (level names, step lengths); every value is a bind parameter.
     return (
         f"{stored} UNION ALL "  # noqa: S608
@@ -146,15 +159,28 @@ def candles_statement(interval: str, *, floats: bool = False) -> TextClause:
     return text(candles_sql(interval, floats=floats))
 
 
+@functools.lru_cache(maxsize=16)
+def candle_floats_sql(interval: str) -> str:
+    """``candles_sql(interval, floats=True)`` with asyncpg's positional parameters ($1 bases, $2 vs, $3 lo,
+    $4 hi), for ``read_candle_floats``."""
+    sql = candles_sql(interval, floats=True)
+    for name, number in ((":bases", "$1"), (":vs", "$2"), (":lo", "$3"), (":hi", "$4")):
+        sql = sql.replace(name, number)
+    return sql
+
+
 async def read_candle_floats(
     session: AsyncSession, bases: Sequence[str], vs: str, interval: str, lo: datetime, hi: datetime
-) -> list[tuple[str, datetime, float, float, float, float, float | None]]:
-    """``read_candles_many`` as plain tuples (base, t, open, high, low, close, volume) of floats: what a
-    statistics read wants, without a Decimal and a dict per value."""
-    result = await session.execute(
-        candles_statement(interval, floats=True), {"bases": list(bases), "vs": vs, "lo": lo, "hi": hi}
-    )
-    return [tuple(row) for row in result.all()]  # type: ignore[misc]
+) -> Sequence[Sequence[Any]]:
+    """``read_candles_many`` as rows (base, t, open, high, low, close, volume) of floats: what a statistics
+    read wants, without a Decimal and a dict per value. Run on the session's own asyncpg connection (its
+    transaction): for a year of hourly candles (175,000 rows), SQLAlchemy's row objects alone cost 0.2 s."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    records: Sequence[Sequence[Any]] = await driver.fetch(candle_floats_sql(interval), list(bases), vs, lo, hi)
+    return records
 
 
 async def read_candles(
