@@ -482,13 +482,14 @@ async def profile(
         await _seed(db)
         async with platform(db, redis_url) as running:
             paths = ROUTES[route]
-            await saturate(running, paths, 300)
+            await saturate(running, paths, 300, distinct=route in DISTINCT.values())
             with (
                 _recording(running.pids["gateway"], seconds, raw["gateway"], native=native) as gateway,
                 _recording(running.pids["pricing"], seconds, raw["pricing"], native=native) as pricing,
             ):
                 # The same closed loop as the saturation figure, running a little past the recording.
-                script = _SATURATION_LUA % {"paths": _lua_paths(paths), "count": 10**9, "distinct": "false"}
+                distinct = _lua_bool(route in DISTINCT.values())
+                script = _SATURATION_LUA % {"paths": _lua_paths(paths), "count": 10**9, "distinct": distinct}
                 result = await _wrk(
                     running.gateway_url, script, connections=SATURATION_CONNECTIONS, seconds=seconds + 2
                 )
