@@ -136,6 +136,18 @@ async def test_a_forged_stream_entry_only_drops_the_answer(stack: Stack, redis, 
     await eventually(lambda: _true(not stack.memo.copies))
 
 
+async def test_a_memoised_answer_still_goes_through_the_guard(stack: Stack, settings, exchange_fixtures) -> None:
+    await _consolidate(stack.owner, recorded_btc_usd(exchange_fixtures), "1")
+    await eventually(lambda: _memoised(stack))
+    # A bad token is refused before the memo is asked, as for any forwarded request.
+    refused = await stack.gateway.get(PRICE_READ, headers={"Authorization": "Bearer not-a-token"})
+    assert refused.status_code == 401, refused.text
+    # And every answer from the memo counts against the caller's rate limit.
+    limit = settings.rate_limit_anonymous
+    statuses = [(await stack.gateway.get(PRICE_READ)).status_code for _ in range(limit + 20)]
+    assert 429 in statuses, statuses
+
+
 async def _memoised(stack: Stack) -> bool:
     await stack.gateway.get(PRICE_READ)
     return bool(stack.memo.copies)
@@ -213,6 +225,31 @@ def test_an_answer_overtaken_by_an_event_is_not_kept(monkeypatch) -> None:
     ticket = memo.ticket()
     memo.clear()
     assert not memo.store("k", ticket, _hint(BTC_USD="e4"), **keep)
+    # An id heard again (a replay, or a forgery naming a genuine older event) does not become the last one: an
+    # answer from a replica still at that older event is not kept.
+    memo.price_event(("BTC", "USD"), "e7")
+    memo.price_event(("BTC", "USD"), "e4")
+    assert not memo.store("k", memo.ticket(), _hint(BTC_USD="e4"), **keep)
+    assert memo.store("k", memo.ticket(), _hint(BTC_USD="e7"), **keep)
+    # The reader lost Redis: nothing is used or kept until it hears from Redis again.
+    memo.clear(outage=True)
+    assert memo.lookup("k") is None
+    assert not memo.store("k", memo.ticket(), _hint(BTC_USD="e7"), **keep)
+    memo.heard()
+    assert memo.store("k", memo.ticket(), _hint(BTC_USD="e7"), **keep)
+
+
+def test_the_copies_stay_within_their_byte_budget(monkeypatch) -> None:
+    monkeypatch.setattr(memo_module, "MAX_TOTAL_BYTES", 10_000)
+    memo = ReadMemo()
+    memo.heard()
+    for i in range(30):
+        hint = MemoHint(ttl=30.0, pairs={(f"C{i}", "USD"): None})
+        assert memo.store(f"k{i}", memo.ticket(), hint, status=200, body=b"x" * 1000, headers=[], template=None)
+    assert sum(len(c.body) for c in memo.copies.values()) <= 10_000
+    assert "k29" in memo.copies and "k0" not in memo.copies  # the oldest went first
+    memo.price_event(("C29", "USD"), "e")  # a drop gives its bytes back
+    assert "k29" not in memo.copies
 
 
 async def test_answers_expire_and_are_not_used_once_the_reader_falls_silent(monkeypatch) -> None:

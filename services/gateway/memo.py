@@ -4,10 +4,11 @@ a dashboard or a script asking it again costs the gateway a dictionary lookup in
 the service. The guard (authentication, rate limits) runs before it as for any forwarded request.
 
 Trust is the pricing memo's: copies are only ever what a service answered over the signed internal hop; the
-prices stream is unsigned, so its entries only ever drop copies, and a forged entry costs a miss, never a
-wrong answer. Copies are used only while the live hub's reader hears from Redis (it reports in at least
-every second); when it stops hearing, or on an outage or an unreadable entry, every copy is dropped, so no
-event the gateway missed can leave a stale answer behind.
+prices stream is unsigned, so its entries only ever drop copies, and a forged entry can never put a made-up
+price in an answer (at worst, one naming a genuine older event while a pricing replica lags lets that
+replica's older answer stand for its ttl). Copies are used only while the live hub's reader hears from Redis
+(it reports in at least every second); when it stops hearing, or on an outage or an unreadable entry, every
+copy is dropped, and none is kept until the reader hears again.
 
 Freshness: a copy goes at the first price event for a pair it shows (for a conversion: any price event),
 when the first fresh price it shows would turn stale, and at the hint's ``ttl`` whatever happens. A copy is
@@ -19,6 +20,7 @@ not kept.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
@@ -36,8 +38,11 @@ MAX_ENTRIES = 10_000
 # the service applies events through its own consumer and re-reads its table every 50 ms, so an answer given
 # sooner may not reflect that event yet, and no event id in it could tell.
 SETTLE_SECONDS = 0.25
-# Bodies beyond this (a 100-coin, 20-currency table) are answered by the service each time.
+# No copy is larger than this, and all of them together stay under MAX_TOTAL_BYTES (the oldest go first).
 MAX_BODY_BYTES = 64 * 1024
+MAX_TOTAL_BYTES = 32 * 1024 * 1024
+# Event ids remembered per pair to recognise one heard again.
+RECENT_EVENTS = 8
 # The last event heard per pair; a stream that somehow names more pairs than this starts over (all copies go).
 MAX_PAIRS_TRACKED = 100_000
 
@@ -56,9 +61,14 @@ class Copy:
 class ReadMemo:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.copies: dict[str, Copy] = {}
+        self._bytes = 0
         self._by_pair: dict[Pair, set[str]] = {}
         self._any_pair: set[str] = set()
         self._last_event: dict[Pair, str | None] = {}
+        # The last few event ids heard per pair: the relay publishes each id once, so an id heard again is a
+        # replay (or a forgery naming a genuine older event) and must not become "the last event" the answers
+        # are checked against.
+        self._recent: dict[Pair, deque[str]] = {}
         # Bumped by every event and every drop of everything; a request remembers it when it is forwarded.
         self._clock = 0
         self._any_event_at = 0
@@ -88,19 +98,28 @@ class ReadMemo:
         self._last_event_monotonic = time.monotonic()
         if len(self._last_event) >= MAX_PAIRS_TRACKED and pair not in self._last_event:
             self._last_event.clear()
+            self._recent.clear()
             self.clear()
-        self._last_event[pair] = event_id
+        recent = self._recent.setdefault(pair, deque(maxlen=RECENT_EVENTS))
+        if event_id is None or event_id not in recent:
+            self._last_event[pair] = event_id
+            if event_id is not None:
+                recent.append(event_id)
         for key in list(self._by_pair.get(pair, ())):
             self._remove(key)
         for key in list(self._any_pair):
             self._remove(key)
 
-    def clear(self) -> None:
-        """Something the stream said could not be read, or the reader lost Redis: no copy is vouched for. The
+    def clear(self, *, outage: bool = False) -> None:
+        """Something the stream said could not be read, or (``outage``) the reader lost Redis: no copy is
+        vouched for, and after an outage none is kept or used until the reader hears from Redis again. The
         last event heard per pair stays: an answer older than it is still refused."""
         self._clock += 1
         self._cleared_at = self._clock
+        if outage:
+            self._heard_at = None
         self.copies.clear()
+        self._bytes = 0
         self._by_pair.clear()
         self._any_pair.clear()
 
@@ -140,7 +159,7 @@ class ReadMemo:
             self._results.labels("refused").inc()
             return False
         self._remove(key)
-        while len(self.copies) >= MAX_ENTRIES:
+        while self.copies and (len(self.copies) >= MAX_ENTRIES or self._bytes + len(body) > MAX_TOTAL_BYTES):
             self._remove(next(iter(self.copies)))
         copy = Copy(
             expires_at=time.monotonic() + hint.ttl,
@@ -152,6 +171,7 @@ class ReadMemo:
             any_pair=hint.any_pair,
         )
         self.copies[key] = copy
+        self._bytes += len(body)
         if copy.any_pair:
             self._any_pair.add(key)
         for pair in copy.pairs:
@@ -175,6 +195,7 @@ class ReadMemo:
         copy = self.copies.pop(key, None)
         if copy is None:
             return
+        self._bytes -= len(copy.body)
         if copy.any_pair:
             self._any_pair.discard(key)
         for pair in copy.pairs:

@@ -76,6 +76,8 @@ async def upsert_source_quotes(session: AsyncSession, ticks: Iterable[TickMessag
     # Parameters passed separately (executemany): the statement compiles once and is cached, and
     # SQLAlchemy batches the rows into multi-row VALUES itself. Inlining them with .values(rows) cost a
     # fresh compile of thousands of bind parameters per batch.
+    # In one order for every writer, as prices are (upsert_prices): rows locked in different orders deadlock.
+    rows.sort(key=lambda r: (r["source"], r["base"], r["quote"]))
     await session.execute(_QUOTE_UPSERT, rows)
 
 
@@ -113,7 +115,7 @@ async def set_quote_statuses(session: AsyncSession, statuses: dict[tuple[str, st
     """One statement for all quotes: only rows whose status changed are written."""
     if not statuses:
         return
-    keys = list(statuses)
+    keys = sorted(statuses)  # one lock order for every writer (see upsert_quotes)
     await session.execute(
         text(
             "UPDATE source_quotes AS s SET status = u.status "

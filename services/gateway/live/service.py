@@ -240,7 +240,7 @@ class LiveHub:
             except (RedisError, OSError) as exc:
                 outages += 1
                 if self.memo is not None:
-                    self.memo.clear()
+                    self.memo.clear(outage=True)
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 delay = jittered_backoff(outages, base=0.5, cap=10.0, jitter="equal")
                 log.warning("live_redis_unavailable", error=self._last_error, retry_in=round(delay, 2))
