@@ -184,6 +184,33 @@ def settings(clean_db: str, server_redis_url: str, namespace: str, redis: Redis)
 
 
 @pytest.fixture
+async def pricing(settings: Settings, redis: Redis) -> AsyncIterator[Any]:
+    """Builds pricing services on this test's stores and secrets (``pricing(**setting_overrides)``), each with
+    its own engine, disposed at the end: a service built here and one served from ``settings`` verify each
+    other's cache entries."""
+    from services.pricing.service import PriceCache, PricingService
+    from shared.db import create_engine, session_factory
+    from shared.streams import StreamPublisher
+
+    engines: list[Any] = []
+
+    def build(**overrides: Any) -> PricingService:
+        s = Settings(**{**settings.model_dump(), **overrides})
+        engine = create_engine(s.require_database_url())
+        engines.append(engine)
+        return PricingService(
+            s,
+            sessions=session_factory(engine),
+            publisher=StreamPublisher(redis, namespace=s.redis_namespace, maxlen=10_000),
+            cache=PriceCache(redis, s),
+        )
+
+    yield build
+    for engine in engines:
+        await engine.dispose()
+
+
+@pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     """An environment without any COINLYTICS_* variable and a working directory without a .env file:
     settings come only from the test."""

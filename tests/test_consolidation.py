@@ -9,13 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from pathlib import Path
 
-import pytest
-
-from services.pricing.service import PriceCache, PricingService
-from shared.db import create_engine, session_factory
 from shared.messages import TickMessage
-from shared.streams import StreamPublisher
-from tests.conftest import make_settings
 
 
 def recorded_btc_usd(fixtures: Path) -> dict[str, tuple[Decimal, Decimal]]:
@@ -51,25 +45,6 @@ def vwap(quotes: list[tuple[Decimal, Decimal]]) -> Decimal:
     """Volume-weighted mean, published with 15 significant digits (half-even) as the README states."""
     mean = sum((p * v for p, v in quotes), Decimal(0)) / sum((v for _, v in quotes), Decimal(0))
     return Context(prec=15, rounding=ROUND_HALF_EVEN).plus(mean)
-
-
-@pytest.fixture
-async def pricing(settings, redis):
-    def build(**overrides):
-        s = make_settings(settings.database_url, settings.redis_url, settings.redis_namespace, **overrides)
-        engine = create_engine(s.database_url)
-        engines.append(engine)
-        return PricingService(
-            s,
-            sessions=session_factory(engine),
-            publisher=StreamPublisher(redis, namespace=s.redis_namespace, maxlen=10_000),
-            cache=PriceCache(redis, s),
-        )
-
-    engines: list = []
-    yield build
-    for engine in engines:
-        await engine.dispose()
 
 
 async def consolidated(db, base: str = "BTC", vs: str = "USD"):

@@ -22,10 +22,9 @@ from services.gateway.app import create_app as gateway_app
 from services.gateway.memo import ReadMemo
 from services.pricing import service as pricing_service
 from services.pricing.app import create_app as pricing_app
-from services.pricing.service import PriceCache, PricingService
-from shared.db import create_engine, session_factory
+from services.pricing.service import PricingService
 from shared.responses import MEMO_HEADER, MemoHint
-from shared.streams import PRICES_STREAM, StreamPublisher, encode
+from shared.streams import PRICES_STREAM, encode
 from tests.conftest import eventually, free_port, serve_app
 from tests.test_consolidation import recorded_btc_usd, tick
 
@@ -41,30 +40,21 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(settings, redis, monkeypatch) -> AsyncIterator[Stack]:
+async def stack(settings, pricing, monkeypatch) -> AsyncIterator[Stack]:
     # Answers never expire on their own here: only the stream can make the gateway show a new price.
     monkeypatch.setattr(pricing_service, "MEMO_SECONDS", 30.0)
-    engine = create_engine(settings.database_url)
-    owner = PricingService(
-        settings,
-        sessions=session_factory(engine),
-        publisher=StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=10_000),
-        cache=PriceCache(redis, settings),
-    )
+    owner = pricing()
     absent = {f"{name}_url": f"http://127.0.0.1:{free_port()}" for name in ("conversion", "analytics", "alerting")}
-    try:
-        async with serve_app(pricing_app(settings)) as pricing_url:
-            gateway = gateway_app(settings.model_copy(update={"pricing_url": pricing_url, **absent}))
-            async with (
-                serve_app(gateway) as gateway_url,
-                httpx.AsyncClient(base_url=gateway_url, timeout=20) as gw,
-                httpx.AsyncClient(base_url=pricing_url, timeout=20) as pr,
-            ):
-                memo: ReadMemo = gateway.state.upstreams.memo
-                await eventually(lambda: _true(memo.live()))
-                yield Stack(gw, pr, owner, memo)
-    finally:
-        await engine.dispose()
+    async with serve_app(pricing_app(settings)) as pricing_url:
+        gateway = gateway_app(settings.model_copy(update={"pricing_url": pricing_url, **absent}))
+        async with (
+            serve_app(gateway) as gateway_url,
+            httpx.AsyncClient(base_url=gateway_url, timeout=20) as gw,
+            httpx.AsyncClient(base_url=pricing_url, timeout=20) as pr,
+        ):
+            memo: ReadMemo = gateway.state.upstreams.memo
+            await eventually(lambda: _true(memo.live()))
+            yield Stack(gw, pr, owner, memo)
 
 
 async def _true(value: bool) -> bool:
@@ -154,39 +144,28 @@ async def _memoised(stack: Stack) -> bool:
 
 
 async def test_an_answer_is_kept_no_longer_than_its_fresh_price_stays_fresh(
-    settings, redis, exchange_fixtures, monkeypatch
+    settings, redis, pricing, exchange_fixtures, monkeypatch
 ) -> None:
     monkeypatch.setattr(pricing_service, "MEMO_SECONDS", 30.0)
-    engine = create_engine(settings.database_url)
-    try:
-        service = PricingService(
-            settings,
-            sessions=session_factory(engine),
-            publisher=StreamPublisher(redis, namespace=settings.redis_namespace, maxlen=10_000),
-            cache=PriceCache(redis, settings),
-        )
-        payloads = await service.apply_ticks(
-            [tick(n, p, v) for n, (p, v) in recorded_btc_usd(exchange_fixtures).items()]
-        )
-        event = next(p["event_id"] for p in payloads if p["vs"] == "USD")
-        body, hint = await service.price_table(["BTC"], ["USD", "EUR"], [])
-        assert body["BTC"]["USD"]["status"] == "fresh"
-        # Both pairs are named, the gap (no EUR rate here) too, so either one's first price drops the answer.
-        assert hint.pairs == {("BTC", "USD"): event, ("BTC", "EUR"): None}
-        assert hint.ttl == 30.0  # test settings keep recorded prices fresh for years: the cap applies
-        # A fresh price whose quorum runs out in 2 s: the answer may be reused for 2 s at most.
-        key = settings.key("price", "BTC")
-        signature, _, blob = (await redis.hget(key, "USD")).partition(b".")
-        assert signature and blob
-        stored = json.loads(blob)
-        stored["fresh_until"] = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
-        await service.cache.put([stored])
-        _, hint = await service.price_table(["BTC"], ["USD"], [])
-        assert 0 < hint.ttl <= 2.0
-        parsed = MemoHint.parse(hint.header()[1])  # type: ignore[index]
-        assert parsed is not None and parsed.pairs == hint.pairs and 0 < parsed.ttl <= 2.0
-    finally:
-        await engine.dispose()
+    service = pricing()
+    payloads = await service.apply_ticks([tick(n, p, v) for n, (p, v) in recorded_btc_usd(exchange_fixtures).items()])
+    event = next(p["event_id"] for p in payloads if p["vs"] == "USD")
+    body, hint = await service.price_table(["BTC"], ["USD", "EUR"], [])
+    assert body["BTC"]["USD"]["status"] == "fresh"
+    # Both pairs are named, the gap (no EUR rate here) too, so either one's first price drops the answer.
+    assert hint.pairs == {("BTC", "USD"): event, ("BTC", "EUR"): None}
+    assert hint.ttl == 30.0  # test settings keep recorded prices fresh for years: the cap applies
+    # A fresh price whose quorum runs out in 2 s: the answer may be reused for 2 s at most.
+    key = settings.key("price", "BTC")
+    signature, _, blob = (await redis.hget(key, "USD")).partition(b".")
+    assert signature and blob
+    stored = json.loads(blob)
+    stored["fresh_until"] = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    await service.cache.put([stored])
+    _, hint = await service.price_table(["BTC"], ["USD"], [])
+    assert 0 < hint.ttl <= 2.0
+    parsed = MemoHint.parse(hint.header()[1])  # type: ignore[index]
+    assert parsed is not None and parsed.pairs == hint.pairs and 0 < parsed.ttl <= 2.0
 
 
 def _hint(**pairs: str | None) -> MemoHint:
