@@ -74,13 +74,7 @@ async def resolve(request: Request) -> Principal:
         except Unauthorized:
             # A wrong key costs a database lookup: counted against the caller's address, so guessing keys
             # meets the anonymous rate limit (429) instead of an unlimited run of 401s.
-            await limiter.enforce(
-                f"ip:{client_address(request)}",
-                limit=settings.rate_limit_anonymous,
-                window_seconds=settings.rate_limit_window_seconds,
-                what="per address without a token",
-                fail_open=True,
-            )
+            await _count_per_address(request, fail_open=True)
             raise
     else:
         token = cookie_token(request)
@@ -94,26 +88,25 @@ async def resolve(request: Request) -> Principal:
             fail_open=True,
         )
     else:
-        await limiter.enforce(
-            f"ip:{client_address(request)}",
-            limit=settings.rate_limit_anonymous,
-            window_seconds=settings.rate_limit_window_seconds,
-            what="per address without a token",
-            fail_open=True,
-        )
+        await _count_per_address(request, fail_open=True)
     request.state.principal = principal
     return principal
 
 
 async def guard_anonymous(request: Request) -> None:
-    """For sign-in style routes: counted per client address, whatever token is sent along."""
+    """For sign-in style routes: counted per client address, whatever token is sent along; exact, and
+    refusing while Redis is down (no fail-open)."""
+    await _count_per_address(request, fail_open=False)
+
+
+async def _count_per_address(request: Request, *, fail_open: bool) -> None:
     settings = _settings(request)
-    limiter = _limiter(request)
-    await limiter.enforce(
+    await _limiter(request).enforce(
         f"ip:{client_address(request)}",
         limit=settings.rate_limit_anonymous,
         window_seconds=settings.rate_limit_window_seconds,
         what="per address without a token",
+        fail_open=fail_open,
     )
 
 
