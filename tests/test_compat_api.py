@@ -41,18 +41,9 @@ from tests.accounts import bearer, register, tokens
 from tests.conftest import eventually, make_settings, serve_app
 from tests.replay import ReplayServer, serve_binance
 from tests.test_ecb import serve_ecb
+from tests.test_history import Point
 
 NUMBER = (int, float)
-
-
-@dataclass
-class Point:
-    """What pricing's candle hook takes (services.pricing.history.service.PricePoint)."""
-
-    base: str
-    vs: str
-    price: Decimal
-    last_updated: datetime
 
 
 def recorded_btc_prices(fixtures: Path) -> list[Decimal]:
